@@ -1,0 +1,46 @@
+# make demo: two relays on loopback, fresh certificates, a stream through them.
+# make test: installs what the tests need (Debian packages + a virtualenv), then ruff, mypy, pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_SIZE ?= 4G
+# what the tests run for real: QEMU (e2e migrations), socat/stunnel (bench baselines), systemd-socket-activate
+DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils socat stunnel4 systemd iproute2
+
+.PHONY: demo test venv deps lint unit integration e2e clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m relay demo --size $(DEMO_SIZE)
+
+deps:
+	@missing=$$(for p in $(DEB_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check relay tests bench
+	$(VENV)/bin/mypy
+
+test: deps venv lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+integration: venv
+	$(VENV)/bin/pytest -q tests/integration
+e2e: deps venv
+	$(VENV)/bin/pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""Argument parsing and exit codes; no logic lives here.
+
+Exit status: 0 success, 1 a check or transfer failed, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from relay import __version__, config, pki
+from relay.errors import LocalError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="migrelay", description="Relay libvirt/QEMU live migrations over one mutual-TLS port."
+    )
+    p.add_argument("--version", action="version", version=f"migrelay {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the relay daemon")
+    s.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    s.add_argument("--no-splice", action="store_true", help="copy through a buffer even on plaintext legs")
+
+    c = sub.add_parser("check", help="validate config and certificates, try every peer")
+    c.add_argument("--config", "-c", type=Path, required=True)
+    c.add_argument("--print", action="store_true", help="print the effective configuration")
+
+    k = sub.add_parser("pki", help="make a CA and host certificates")
+    ksub = k.add_subparsers(dest="pki_command", required=True)
+    ki = ksub.add_parser("init", help="create DIR/ca.pem and DIR/ca-key.pem")
+    ki.add_argument("dir", type=Path)
+    ki.add_argument("--days", type=int, default=pki.CA_DAYS)
+    kc = ksub.add_parser("issue", help="create DIR/NAME.pem and DIR/NAME-key.pem signed by DIR's CA")
+    kc.add_argument("dir", type=Path)
+    kc.add_argument("name")
+    kc.add_argument("--dns", action="append", default=[], help="extra DNS name (repeatable)")
+    kc.add_argument("--ip", action="append", default=[], help="extra IP address (repeatable)")
+    kc.add_argument("--days", type=int, default=pki.HOST_DAYS)
+
+    d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
+    d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
+    d.add_argument("--transport", choices=["tls", "tcp", "unix"], default="tls")
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from relay.server import Relay, run_until_signalled
+
+    cfg = config.load(args.config)
+    trio.run(run_until_signalled, Relay(cfg, allow_splice=not args.no_splice))
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from relay.check import run_check
+
+    cfg = config.load(args.config)
+    if args.print:
+        print(cfg.as_toml(), end="")
+    findings = trio.run(run_check, cfg)
+    for finding in findings:
+        print(finding)
+    return EXIT_FAILED if any(f.level == "error" for f in findings) else EXIT_OK
+
+
+def _pki(args: argparse.Namespace) -> int:
+    if args.pki_command == "init":
+        path = pki.init_ca(args.dir, days=args.days)
+        print(f"wrote {path} and {args.dir / 'ca-key.pem'} (0600)")
+    else:
+        cert, key = pki.issue(args.dir, args.name, dns=args.dns, ips=args.ip, days=args.days)
+        print(f"wrote {cert} and {key} (0600)")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    result = trio.run(run_demo, args.size, sys.stdout, args.transport)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+COMMANDS = {"serve": _serve, "check": _check, "pki": _pki, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="migrelay %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except LocalError as e:
+        print(f"migrelay {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

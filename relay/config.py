@@ -1,0 +1,299 @@
+"""TOML configuration -> frozen dataclasses. Strict: unknown keys and wrong types name the key.
+
+Relative paths are taken relative to the config file's folder, so an example
+config and its certificates can live side by side.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from relay.errors import ConfigError
+from relay.overlay import DEFAULT_CHANNELS, host_problem, name_problem
+
+DEFAULT_SOCKET_DIR: Final = "/run/migrelay"
+DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
+DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
+DEFAULT_SOCKET_MODE: Final = 0o660
+
+Transport = Literal["tls", "unix", "tcp"]
+
+
+@dataclass(frozen=True)
+class Address:
+    """A peer transport endpoint: `HOST:PORT` (tls), `unix:PATH` or `tcp://HOST:PORT`."""
+
+    kind: Transport
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        prefix = "tcp://" if self.kind == "tcp" else ""
+        return f"{prefix}{host}:{self.port}"
+
+
+def parse_address(text: str, key: str, base: Path | None = None) -> Address:
+    """Parse one transport address; `key` names the config key in errors."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ConfigError(f"{key}: {text!r} has an empty unix socket path")
+        return Address("unix", path=str(_resolve(path, base)))
+    kind: Transport = "tls"
+    rest = text
+    if text.startswith("tcp://"):
+        kind, rest = "tcp", text[len("tcp://") :]
+    elif "://" in text:
+        raise ConfigError(f"{key}: {text!r}: unknown scheme (use HOST:PORT, unix:PATH or tcp://HOST:PORT)")
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: {text!r}: port must be 1-65535")
+    return Address(kind, host=host, port=int(port_text))
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: Address | None
+    channels: tuple[str, ...] = DEFAULT_CHANNELS
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    socket_dir: Path
+    listen: tuple[Address, ...] = ()
+    libvirt: Path | None = None
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    tls: TlsFiles | None = None
+    metrics_listen: Address | None = None
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    source: Path | None = None
+
+    def needs_tls(self) -> bool:
+        return any(a.kind == "tls" for a in self.listen) or any(
+            p.address is not None and p.address.kind == "tls" for p in self.peers.values()
+        )
+
+    def as_toml(self) -> str:
+        """The effective configuration, as TOML (for `migrelay check --print`)."""
+        q = _toml_str
+        lines = [
+            "[relay]",
+            f"name = {q(self.name)}",
+            f"socket_dir = {q(str(self.socket_dir))}",
+            "listen = [" + ", ".join(q(str(a)) for a in self.listen) + "]",
+        ]
+        if self.libvirt is not None:
+            lines.append(f"libvirt = {q(str(self.libvirt))}")
+        lines += [
+            f"handshake_timeout_s = {self.handshake_timeout_s}",
+            f"drain_timeout_s = {self.drain_timeout_s}",
+            f"socket_mode = {q(oct(self.socket_mode)[2:].rjust(4, '0'))}",
+        ]
+        if self.tls is not None:
+            lines += ["", "[tls]", f"ca = {q(str(self.tls.ca))}", f"cert = {q(str(self.tls.cert))}"]
+            lines.append(f"key = {q(str(self.tls.key))}")
+        if self.metrics_listen is not None:
+            lines += ["", "[metrics]", f"listen = {q(str(self.metrics_listen))}"]
+        for peer in self.peers.values():
+            lines += ["", f"[peers.{peer.name}]"]
+            if peer.address is not None:
+                lines.append(f"address = {q(str(peer.address))}")
+            lines.append("channels = [" + ", ".join(q(c) for c in peer.channels) + "]")
+            if peer.insecure:
+                lines.append("insecure = true")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _resolve(path: str, base: Path | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or base is None else base / p
+
+
+class _Section:
+    """Pops typed keys out of one TOML table; whatever is left over is an error."""
+
+    def __init__(self, table: object, where: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] must be a table")
+        self._items: dict[str, Any] = dict(table)
+        self.where = where
+
+    def _take(self, key: str, types: tuple[type, ...], what: str, default: Any) -> Any:
+        if key not in self._items:
+            return default
+        value = self._items.pop(key)
+        # bool is an int subclass; a number key must not accept true/false
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise ConfigError(f"[{self.where}] {key}: expected {what}, got {type(value).__name__} {value!r}")
+        return value
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        if required and key not in self._items:
+            raise ConfigError(f"[{self.where}] {key} is required")
+        value: str | None = self._take(key, (str,), "a string", default)
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._take(key, (list,), "a list of strings", None)
+        if value is None:
+            return default
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(f"[{self.where}] {key}: expected a list of strings, found {item!r}")
+        return tuple(value)
+
+    def number(self, key: str, default: float) -> float:
+        value = float(self._take(key, (int, float), "a number", default))
+        if value <= 0:
+            raise ConfigError(f"[{self.where}] {key}: must be positive, got {value}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value: bool = self._take(key, (bool,), "true or false", default)
+        return value
+
+    def table(self, key: str) -> object | None:
+        """Remove and return a sub-table (None if absent); the caller wraps it in a _Section."""
+        table: object | None = self._items.pop(key, None)
+        return table
+
+    def done(self) -> None:
+        if self._items:
+            names = ", ".join(sorted(self._items))
+            raise ConfigError(f"[{self.where}] unknown key(s): {names}")
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"Failed to read config {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config {path} is not valid TOML: {e}") from None
+    return parse(data, base=path.resolve().parent, source=path)
+
+
+def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document (a dict) into a Config."""
+    top = _Section(dict(data), "top level")
+    relay_table = top.table("relay")
+    if relay_table is None:
+        raise ConfigError("[relay] section is required")
+    relay = _Section(relay_table, "relay")
+    name = relay.string("name", required=True)
+    assert name is not None
+    if (problem := host_problem(name)) is not None:
+        raise ConfigError(f"[relay] name: {problem}")
+    socket_dir = _resolve(relay.string("socket_dir", DEFAULT_SOCKET_DIR) or DEFAULT_SOCKET_DIR, base)
+    listen = tuple(
+        parse_address(text, "[relay] listen", base) for text in relay.strings("listen", ())
+    )
+    libvirt_text = relay.string("libvirt")
+    libvirt = _resolve(libvirt_text, base) if libvirt_text else None
+    handshake = relay.number("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
+    drain = relay.number("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)
+    mode_text = relay.string("socket_mode", oct(DEFAULT_SOCKET_MODE)[2:])
+    assert mode_text is not None
+    try:
+        socket_mode = int(mode_text, 8)
+    except ValueError:
+        raise ConfigError(f"[relay] socket_mode: {mode_text!r} is not an octal mode like \"0660\"") from None
+    relay.done()
+
+    tls = None
+    if (tls_table := top.table("tls")) is not None:
+        section = _Section(tls_table, "tls")
+        ca, cert, key = (section.string(k, required=True) for k in ("ca", "cert", "key"))
+        assert ca is not None and cert is not None and key is not None
+        tls = TlsFiles(_resolve(ca, base), _resolve(cert, base), _resolve(key, base))
+        section.done()
+
+    metrics_listen = None
+    if (metrics_table := top.table("metrics")) is not None:
+        section = _Section(metrics_table, "metrics")
+        text = section.string("listen")
+        if text is not None:
+            metrics_listen = parse_address(text, "[metrics] listen", base)
+            if metrics_listen.kind != "tls":  # i.e. plain HOST:PORT
+                raise ConfigError("[metrics] listen: expected HOST:PORT (served as plain HTTP)")
+        section.done()
+
+    peers: dict[str, PeerConfig] = {}
+    peers_table = top.table("peers") or {}
+    if not isinstance(peers_table, dict):
+        raise ConfigError("[peers] must be a table of [peers.NAME] sections")
+    for peer_name, table in peers_table.items():
+        peers[peer_name] = _parse_peer(peer_name, table, name, base)
+    top.done()
+
+    config = Config(
+        name=name,
+        socket_dir=socket_dir,
+        listen=listen,
+        libvirt=libvirt,
+        handshake_timeout_s=handshake,
+        drain_timeout_s=drain,
+        socket_mode=socket_mode,
+        tls=tls,
+        metrics_listen=metrics_listen,
+        peers=peers,
+        source=source,
+    )
+    if config.needs_tls() and tls is None:
+        raise ConfigError("[tls] section is required: a listener or peer uses the TLS transport (HOST:PORT)")
+    return config
+
+
+def _parse_peer(peer_name: str, table: object, self_name: str, base: Path | None) -> PeerConfig:
+    where = f"peers.{peer_name}"
+    if (problem := host_problem(peer_name)) is not None:
+        raise ConfigError(f"[{where}]: {problem}")
+    if peer_name == self_name:
+        raise ConfigError(f"[{where}]: a relay cannot be its own peer ([relay] name is {self_name!r})")
+    section = _Section(table, where)
+    address_text = section.string("address")
+    address = parse_address(address_text, f"[{where}] address", base) if address_text else None
+    channels = section.strings("channels", DEFAULT_CHANNELS)
+    insecure = section.flag("insecure", False)
+    section.done()
+    for channel in channels:
+        if (problem := name_problem(channel)) is not None:
+            raise ConfigError(f"[{where}] channels: {problem}")
+    if len(set(channels)) != len(channels):
+        raise ConfigError(f"[{where}] channels: duplicate names")
+    if address is not None and address.kind == "tcp" and not insecure:
+        raise ConfigError(f"[{where}] address: plaintext tcp:// needs insecure = true in [{where}]")
+    if insecure and address is not None and address.kind == "tls":
+        raise ConfigError(f"[{where}] insecure = true only applies to tcp:// addresses")
+    return PeerConfig(peer_name, address, channels, insecure)

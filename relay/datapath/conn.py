@@ -1,0 +1,245 @@
+"""The two kinds of connection end a pump moves bytes between.
+
+`PlainConn` is a non-blocking socket (unix or TCP); its fd can be spliced.
+`TlsConn` is pyOpenSSL on the same kind of socket (socket BIO, so kernel TLS and
+splice stay possible where the kernel has them). Both offer the same four calls,
+which is all a pump needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from typing import Final, Protocol
+
+import trio
+from OpenSSL import SSL
+
+from relay.errors import PeerUnavailable, RemoteError
+
+# One TLS record carries at most 16 KiB of plaintext; pyOpenSSL's recv_into goes
+# through a temporary buffer of the size asked for, so asking for more only costs.
+TLS_RECORD_BYTES: Final = 16384
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+class StreamTruncated(RemoteError):
+    """The other side went away without a clean end (reset, or TLS without close_notify)."""
+
+
+class Conn(Protocol):
+    """One end of a forwarded connection, as the pumps see it."""
+
+    @property
+    def splice_fd(self) -> int | None:
+        """The socket fd if bytes may be spliced to/from it directly, else None."""
+
+    @property
+    def sock(self) -> trio.socket.SocketType: ...
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Read some bytes into buf; 0 means a clean end of stream."""
+
+    async def send_all(self, data: memoryview) -> None: ...
+
+    async def send_eof(self) -> None:
+        """Half-close: no more bytes will be sent, the other direction keeps flowing."""
+
+    def abort(self) -> None:
+        """Close so that the other end sees an error (RST), never a clean end."""
+
+    def close(self) -> None: ...
+
+
+def _abort_socket(sock: trio.socket.SocketType) -> None:
+    # already closed or not a stream socket: the close() below is all that is left to do
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+class PlainConn:
+    """A plaintext socket: unix or TCP."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    @property
+    def sock(self) -> trio.socket.SocketType:
+        return self._sock
+
+    @property
+    def splice_fd(self) -> int | None:
+        return self._sock.fileno()
+
+    async def recv_into(self, buf: memoryview) -> int:
+        n: int = await self._sock.recv_into(buf)
+        return n
+
+    async def send_all(self, data: memoryview) -> None:
+        while data:
+            sent = await self._sock.send(data)
+            data = data[sent:]
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def abort(self) -> None:
+        _abort_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class TlsConn:
+    """pyOpenSSL over a non-blocking socket, driven by trio's readiness waits.
+
+    Reads and writes run in two tasks (one per direction); an SSL_read may need to
+    write (a TLS 1.3 key-update reply) and, in theory, an SSL_write may need to
+    read. trio allows one waiter per fd and direction, so waits go through a lock
+    per direction.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection) -> None:
+        self._sock = sock
+        self._ssl = conn
+        self._read_wait = trio.Lock()
+        self._write_wait = trio.Lock()
+
+    @classmethod
+    def client(cls, sock: trio.socket.SocketType, ctx: SSL.Context, session: SSL.Session | None = None) -> TlsConn:
+        conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
+        conn.set_connect_state()
+        if session is not None:
+            conn.set_session(session)
+        return cls(sock, conn)
+
+    @classmethod
+    def server(cls, sock: trio.socket.SocketType, ctx: SSL.Context) -> TlsConn:
+        conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
+        conn.set_accept_state()
+        return cls(sock, conn)
+
+    @property
+    def ssl(self) -> SSL.Connection:
+        return self._ssl
+
+    @property
+    def sock(self) -> trio.socket.SocketType:
+        return self._sock
+
+    @property
+    def splice_fd(self) -> int | None:
+        return None
+
+    async def _wait_readable(self) -> None:
+        async with self._read_wait:
+            await trio.lowlevel.wait_readable(self._sock)
+
+    async def _wait_writable(self) -> None:
+        async with self._write_wait:
+            await trio.lowlevel.wait_writable(self._sock)
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+            except SSL.WantReadError:
+                await self._wait_readable()
+            except SSL.WantWriteError:
+                await self._wait_writable()
+            except SSL.SysCallError as e:
+                raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}") from None
+            else:
+                return
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Read as many records as are ready (at least one byte), up to len(buf)."""
+        while True:
+            try:
+                got = self._ssl.recv_into(buf, min(len(buf), TLS_RECORD_BYTES))
+            except SSL.WantReadError:
+                await self._wait_readable()
+            except SSL.WantWriteError:
+                await self._wait_writable()
+            except SSL.ZeroReturnError:
+                return 0
+            except SSL.SysCallError as e:
+                raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            else:
+                break
+        # One wakeup, many records: drain what is already here before returning.
+        while got < len(buf):
+            try:
+                more = self._ssl.recv_into(buf[got:], min(len(buf) - got, TLS_RECORD_BYTES))
+            except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
+                break  # the next call reports EOF / waits
+            except SSL.Error:
+                break  # the next call raises it, after these bytes are delivered
+            got += more
+        return got
+
+    async def send_all(self, data: memoryview) -> None:
+        while data:
+            try:
+                sent = self._ssl.send(data)
+            except SSL.WantWriteError:
+                await self._wait_writable()
+                continue
+            except SSL.WantReadError:
+                await self._wait_readable()
+                continue
+            except SSL.SysCallError as e:
+                raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            data = data[sent:]
+
+    async def send_eof(self) -> None:
+        """Send close_notify, then FIN; reading stays possible (TLS 1.3 half-close)."""
+        while True:
+            try:
+                self._ssl.shutdown()
+            except SSL.WantWriteError:
+                await self._wait_writable()
+            except SSL.WantReadError:
+                break  # close_notify is out; waiting for the peer's is the reader's job
+            except SSL.SysCallError as e:
+                raise StreamTruncated(f"TLS shutdown failed: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            else:
+                break
+        await trio.lowlevel.checkpoint()
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def abort(self) -> None:
+        _abort_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _syscall_reason(e: SSL.SysCallError) -> str:
+    code = e.args[0] if e.args else None
+    if code == -1:
+        return "unexpected EOF"
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    return str(e)
+
+
+def _ssl_reason(e: SSL.Error) -> str:
+    """The OpenSSL reason strings, e.g. 'certificate verify failed'."""
+    parts = []
+    for err in e.args[0] if e.args and isinstance(e.args[0], list) else []:
+        if isinstance(err, tuple) and len(err) == 3:
+            parts.append(str(err[2]))
+    return ", ".join(parts) or str(e)

@@ -1,0 +1,87 @@
+"""Metric handles and the /metrics endpoint.
+
+A `Metrics` object owns its own registry and is passed in; nothing on the data path
+touches a global. Byte counters are fed in batches by `datapath.Meter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from relay.config import Address
+
+log = logging.getLogger("migrelay.metrics")
+
+HTTP_REQUEST_TIMEOUT_S: Final = 5.0
+MAX_HTTP_REQUEST_BYTES: Final = 8192
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.bytes = Counter(
+            "migrelay_bytes",
+            "Payload bytes relayed; direction tx is towards the peer, rx from it.",
+            ["peer", "channel", "direction"],
+            registry=self.registry,
+        )
+        self.connections = Counter(
+            "migrelay_connections",
+            "Forwarded connections by outcome (ok, refused, failed), counted on each relay's own side.",
+            ["peer", "channel", "result"],
+            registry=self.registry,
+        )
+        self.active = Gauge(
+            "migrelay_active_streams",
+            "Forwarded connections currently carrying bytes.",
+            ["peer", "channel"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_metrics(
+    address: Address, metrics: Metrics, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A minimal HTTP/1.1 endpoint: GET /metrics (or /) -> the text exposition."""
+    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await _answer(stream, metrics)
+
+        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+
+async def _answer(stream: trio.abc.Stream, metrics: Metrics) -> None:
+    async with stream:
+        request = b""
+        with trio.move_on_after(HTTP_REQUEST_TIMEOUT_S):
+            while b"\r\n\r\n" not in request and len(request) < MAX_HTTP_REQUEST_BYTES:
+                chunk = await stream.receive_some(MAX_HTTP_REQUEST_BYTES)
+                if not chunk:
+                    break
+                request += chunk
+        parts = request.split(b" ", 2)
+        if len(parts) < 2 or parts[0] != b"GET":
+            status, body, ctype = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
+        elif parts[1].split(b"?")[0] in (b"/", b"/metrics"):
+            status, body, ctype = b"200 OK", metrics.render(), CONTENT_TYPE_LATEST.encode()
+        else:
+            status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
+        head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+            status,
+            ctype,
+            len(body),
+        )
+        try:
+            await stream.send_all(head + body)
+        except trio.BrokenResourceError:
+            log.debug("metrics client went away before the answer was sent")

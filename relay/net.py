@@ -1,0 +1,121 @@
+"""Listeners (tcp, unix) and dialling, as trio sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from relay.config import Address
+from relay.errors import LocalError
+
+LISTEN_BACKLOG: Final = 128
+# Accept loops retry on these (a full fd table is a capacity problem, not a bug).
+CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+CAPACITY_BACKOFF_S: Final = 0.1
+
+
+def _tune_tcp(sock: trio.socket.SocketType) -> None:
+    # The libvirt RPC channel is latency-bound; bulk streams use big writes anyway.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def listen_tcp(host: str, port: int) -> trio.socket.SocketType:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if not infos:
+        raise LocalError(f"cannot resolve listen address {host}:{port}")
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise LocalError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by an earlier run; refuse to touch anything else."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise LocalError(f"{path} exists and is not a socket; remove it or change the config")
+    path.unlink()
+
+
+async def listen_unix(path: Path, mode: int) -> trio.socket.SocketType:
+    remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise LocalError(f"cannot listen on {path}: {e.strerror}") from None
+    return sock
+
+
+async def listen(address: Address, socket_mode: int) -> trio.socket.SocketType:
+    if address.kind == "unix":
+        return await listen_unix(Path(address.path), socket_mode)
+    return await listen_tcp(address.host, address.port)
+
+
+async def connect_unix(path: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_tcp(host: str, port: int) -> trio.socket.SocketType:
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as e:
+            sock.close()
+            last = e
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        _tune_tcp(sock)
+        return sock
+    raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+
+
+async def dial(address: Address) -> trio.socket.SocketType:
+    if address.kind == "unix":
+        return await connect_unix(address.path)
+    return await connect_tcp(address.host, address.port)
+
+
+async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """Accept one connection; on capacity errors back off and retry, anything else propagates."""
+    while True:
+        try:
+            sock, _ = await listener.accept()
+        except OSError as e:
+            if e.errno not in CAPACITY_ERRNOS:
+                raise
+            await trio.sleep(CAPACITY_BACKOFF_S)
+            continue
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _tune_tcp(sock)
+        return sock

@@ -1,0 +1,140 @@
+"""The daemon: bind everything, accept, and shut down in two steps.
+
+Nursery layout (every task has an owner):
+
+    run()
+    └── streams nursery          forwarded connections; survives the accept phase
+        └── accept nursery       accept loops, metrics endpoint, watchdog
+On stop: the accept nursery is cancelled (no new connections, listeners closed),
+then in-flight streams get `drain_timeout_s` before they are cancelled too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from relay import net
+from relay.config import Address, Config
+from relay.metrics import Metrics, serve_metrics
+from relay.overlay import peer_dir
+from relay.session import RelayContext, accept_inbound_loop, accept_outbound_loop
+from relay.systemd import Notifier
+from relay.tlsconfig import client_context, load_identity, server_context
+
+log = logging.getLogger("migrelay.server")
+
+DIR_MODE = 0o755
+
+
+@dataclass
+class Relay:
+    config: Config
+    metrics: Metrics = field(default_factory=Metrics)
+    allow_splice: bool = True
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    _stop: trio.Event = field(default_factory=trio.Event)
+    _socket_files: list[Path] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._stop.set()
+
+    def _context(self) -> RelayContext:
+        ctx = RelayContext(self.config, self.metrics, allow_splice=self.allow_splice)
+        tls = self.config.tls
+        if self.config.needs_tls() and tls is not None:
+            identity = load_identity(tls)
+            if self.config.name not in identity.names:
+                log.warning(
+                    "[tls] cert %s names %s, not this relay (%s): peers will refuse it",
+                    tls.cert,
+                    ", ".join(sorted(identity.names)),
+                    self.config.name,
+                )
+            ctx.server_tls = server_context(tls)
+            ctx.client_tls = client_context(tls)
+        return ctx
+
+    async def _bind(self) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:  # noqa: E501
+        """Create the overlay folders and bind every listener (or raise LocalError)."""
+        cfg = self.config
+        cfg.socket_dir.mkdir(parents=True, exist_ok=True)
+        peer_dir(cfg.socket_dir, cfg.name).mkdir(mode=DIR_MODE, exist_ok=True)
+        inbound = []
+        for address in cfg.listen:
+            inbound.append((await net.listen(address, cfg.socket_mode), address))
+            if address.kind == "unix":
+                self._socket_files.append(Path(address.path))
+        outbound = []
+        for peer in cfg.peers.values():
+            folder = peer_dir(cfg.socket_dir, peer.name)
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+            for name in peer.channels:
+                path = folder / name
+                outbound.append((await net.listen_unix(path, cfg.socket_mode), peer.name, name))
+                self._socket_files.append(path)
+        return inbound, outbound
+
+    async def run(self, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop() (or cancellation); readiness is reported once everything is bound."""
+        ctx = self._context()
+        notifier = Notifier(self.env)
+        try:
+            async with trio.open_nursery() as streams:
+                async with trio.open_nursery() as accepting:
+                    inbound, outbound = await self._bind()
+                    for sock, address in inbound:
+                        accepting.start_soon(accept_inbound_loop, ctx, sock, address.kind, streams)
+                    for sock, peer_name, name in outbound:
+                        peer = self.config.peers[peer_name]
+                        accepting.start_soon(accept_outbound_loop, ctx, sock, peer, name, streams)
+                    if self.config.metrics_listen is not None:
+                        await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
+                    accepting.start_soon(notifier.watchdog)
+                    log.info(
+                        "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
+                        self.config.name,
+                        len(inbound),
+                        len(outbound),
+                        self.config.socket_dir,
+                    )
+                    notifier.notify("READY=1", f"STATUS=serving {len(outbound)} overlay sockets")
+                    task_status.started(self)
+                    await self._stop.wait()
+                    accepting.cancel_scope.cancel()
+                    for sock, _ in inbound:
+                        sock.close()
+                    for sock, _, _ in outbound:
+                        sock.close()
+                notifier.notify("STOPPING=1", "STATUS=draining")
+                log.info("stopped accepting; draining streams for up to %.0fs", self.config.drain_timeout_s)
+                streams.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout_s
+        finally:
+            self._remove_socket_files()
+
+    def _remove_socket_files(self) -> None:
+        for path in self._socket_files:
+            path.unlink(missing_ok=True)
+        self._socket_files.clear()
+
+
+async def run_until_signalled(relay: Relay) -> None:
+    """Run a relay in the foreground: SIGTERM/SIGINT start a graceful stop."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    log.info("%s received: stopping", signal.Signals(signum).name)
+                    relay.stop()
+
+            nursery.start_soon(watch)
+            await relay.run()
+            nursery.cancel_scope.cancel()

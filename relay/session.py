@@ -1,0 +1,317 @@
+"""One forwarded connection: dial/accept, TLS, header, policy, target, pump.
+
+Outbound (source host): a client connected to `<socket_dir>/<peer>/<name>`; we dial
+the peer relay, authenticate it, send the Request and wait for its Reply.
+Inbound (destination host): a peer relay connected to one of our listeners; we
+authenticate it, read its Request, apply the destination policy, connect the local
+target and answer. Only then does payload flow, through `datapath.relay`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import trio
+from OpenSSL import SSL
+
+from relay import net
+from relay.config import Config, PeerConfig, Transport
+from relay.datapath import Conn, Meter, PlainConn, StreamBroken, TlsConn, relay
+from relay.errors import (
+    STATUS_BAD_REQUEST,
+    STATUS_FORBIDDEN,
+    STATUS_NO_TARGET,
+    STATUS_OK,
+    STATUS_UNSUPPORTED_VERSION,
+    PeerUnavailable,
+    ProtocolError,
+    Refused,
+    RemoteError,
+)
+from relay.metrics import Metrics
+from relay.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
+from relay.protocol import Reply, ReplyReader, Request, RequestReader, UnsupportedVersion, encode_reply, encode_request
+from relay.tlsconfig import peer_cert_names
+
+log = logging.getLogger("migrelay.session")
+
+Result = Literal["ok", "refused", "failed"]
+# A refusal is sent on a best-effort basis: the peer may already be gone.
+REFUSAL_SEND_TIMEOUT_S = 1.0
+
+
+@dataclass
+class RelayContext:
+    """What every forwarded connection of one relay shares."""
+
+    config: Config
+    metrics: Metrics
+    server_tls: SSL.Context | None = None
+    client_tls: SSL.Context | None = None
+    allow_splice: bool = True
+    # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake
+    tls_sessions: dict[str, SSL.Session] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_stream_id(self) -> int:
+        return next(self._ids)
+
+    def count(self, peer: str, name: str, result: Result) -> None:
+        self.metrics.connections.labels(peer, self.channel_label(peer, name), result).inc()
+
+    def channel_label(self, peer: str, name: str) -> str:
+        """Bounded label values: names a peer invents do not create new series."""
+        known = self.config.peers.get(peer)
+        if known is not None and channel_of(name) in known.channels:
+            return metric_channel(name)
+        return "other"
+
+
+async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Reply:
+    """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
+    buf = bytearray(max(reader.wanted(), 64))
+    while True:
+        want = reader.wanted()
+        if want > len(buf):
+            buf = bytearray(want)
+        got = await conn.recv_into(memoryview(buf)[:want])
+        if got == 0:
+            raise ProtocolError("connection closed before a complete header")
+        message = reader.feed(bytes(buf[:got]))
+        if message is not None:
+            return message
+
+
+async def _pump(ctx: RelayContext, peer: str, name: str, local: Conn, remote: Conn, stream: str) -> None:
+    """Run the data path for an established connection, with metrics and one log line at the end."""
+    channel = ctx.channel_label(peer, name)
+    counter = ctx.metrics.bytes
+    tx = Meter(counter.labels(peer, channel, "tx").inc)
+    rx = Meter(counter.labels(peer, channel, "rx").inc)
+    active = ctx.metrics.active.labels(peer, channel)
+    active.inc()
+    try:
+        await relay(local, remote, tx, rx, allow_splice=ctx.allow_splice)
+    except StreamBroken as e:
+        log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, e)
+    else:
+        log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)
+    finally:
+        active.dec()
+
+
+# --- outbound: source side ----------------------------------------------------------
+
+
+async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_id: int) -> Conn:
+    """Dial `peer`, authenticate it, ask for `name`; return the accepted connection.
+
+    Raises Refused (the peer said no), PeerUnavailable or OSError (could not reach it),
+    ProtocolError (it answered nonsense).
+    """
+    address = peer.address
+    if address is None:
+        raise PeerUnavailable(f"peer {peer.name} has no address configured (it can only dial us)")
+    try:
+        raw = await net.dial(address)
+    except OSError as e:
+        raise PeerUnavailable(f"cannot reach {peer.name} at {address}: {e.strerror or e}") from None
+    conn: Conn = PlainConn(raw)
+    try:
+        if address.kind == "tls":
+            assert ctx.client_tls is not None
+            tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_sessions.get(peer.name))
+            tls.ssl.set_tlsext_host_name(peer.name.encode())
+            await tls.handshake()
+            names = peer_cert_names(tls.ssl)
+            if peer.name not in names:
+                raise PeerUnavailable(
+                    f"certificate at {address} names {', '.join(sorted(names)) or 'nothing'}, not {peer.name}"
+                )
+            conn = tls
+        await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
+        reply = await read_header(conn, ReplyReader())
+        assert isinstance(reply, Reply)
+        if not reply.ok:
+            raise Refused(reply.status, reply.reason)
+        if isinstance(conn, TlsConn) and (session := conn.ssl.get_session()) is not None:
+            ctx.tls_sessions[peer.name] = session
+        return conn
+    except BaseException:
+        raw.close()
+        raise
+
+
+async def accept_outbound_loop(
+    ctx: RelayContext,
+    listener: trio.socket.SocketType,
+    peer: PeerConfig,
+    name: str,
+    streams: trio.Nursery,
+) -> None:
+    """Accept clients on `<socket_dir>/<peer>/<name>` and forward each to the peer.
+
+    Connections must reach the destination in the order they were accepted: QEMU
+    tells its main migration stream from multifd channels by arrival order. So each
+    downstream connect finishes (acknowledged by the peer) before the next accept.
+    """
+    while True:
+        client = await net.accept(listener)
+        stream_id = ctx.next_stream_id()
+        stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
+        try:
+            with trio.fail_after(ctx.config.handshake_timeout_s):
+                remote = await open_outbound(ctx, peer, name, stream_id)
+        except Refused as e:
+            log.warning("%s: refused by %s: %s", stream, peer.name, e)
+            ctx.count(peer.name, name, "refused")
+            client.close()
+            continue
+        except (RemoteError, OSError, trio.TooSlowError) as e:
+            reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            log.warning("%s: failed: %s", stream, reason)
+            ctx.count(peer.name, name, "failed")
+            client.close()
+            continue
+        ctx.count(peer.name, name, "ok")
+        log.info("%s: open", stream)
+        streams.start_soon(_pump, ctx, peer.name, name, PlainConn(client), remote, stream)
+
+
+# --- inbound: destination side -------------------------------------------------------
+
+
+def _identify(ctx: RelayContext, kind: Transport, request: Request, cert_names: frozenset[str]) -> PeerConfig:
+    """Which configured peer this is, by the rules of the listener it came in on."""
+    peer = ctx.config.peers.get(request.source)
+    if kind == "tls":
+        if request.source not in cert_names:
+            raise Refused(STATUS_FORBIDDEN, f"certificate names {', '.join(sorted(cert_names))}, not {request.source}")
+        if peer is None:
+            raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
+    elif peer is None:
+        raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
+    elif kind == "tcp" and not peer.insecure:
+        raise Refused(STATUS_FORBIDDEN, f"{request.source} may not use plaintext tcp (set insecure = true for it)")
+    return peer
+
+
+async def _open_target(ctx: RelayContext, name: str) -> trio.socket.SocketType:
+    """Connect the local end for `name`; Refused with a reason if it is not there."""
+    if name == LIBVIRT_CHANNEL:
+        assert ctx.config.libvirt is not None
+        path = ctx.config.libvirt
+    else:
+        path = peer_dir(ctx.config.socket_dir, ctx.config.name) / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise Refused(STATUS_NO_TARGET, f"nothing listens on {path}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise Refused(STATUS_FORBIDDEN, f"{path} is a symlink")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise Refused(STATUS_FORBIDDEN, f"{path} is not a socket")
+    try:
+        return await net.connect_unix(str(path))
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise Refused(STATUS_NO_TARGET, f"nothing listens on {path}") from None
+        raise Refused(STATUS_NO_TARGET, f"cannot connect {path}: {e.strerror}") from None
+
+
+async def _accept_request(
+    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport
+) -> tuple[Conn, PeerConfig, Request]:
+    conn: Conn
+    names: frozenset[str] = frozenset()
+    if kind == "tls":
+        assert ctx.server_tls is not None
+        tls = TlsConn.server(raw, ctx.server_tls)
+        conn = tls
+        await tls.handshake()
+        names = peer_cert_names(tls.ssl)
+    else:
+        conn = PlainConn(raw)
+    try:
+        request = await read_header(conn, RequestReader())
+    except UnsupportedVersion as e:
+        raise _Answerable(conn, STATUS_UNSUPPORTED_VERSION, str(e)) from None
+    except ProtocolError as e:
+        raise _Answerable(conn, STATUS_BAD_REQUEST, str(e)) from None
+    assert isinstance(request, Request)
+    try:
+        peer = _identify(ctx, kind, request, names)
+        reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None)
+        if reason is not None:
+            raise Refused(STATUS_FORBIDDEN, reason)
+    except Refused as e:
+        raise _Answerable(conn, e.status, e.reason, request) from None
+    return conn, peer, request
+
+
+class _Answerable(Exception):
+    """A refusal we can still tell the peer about (the transport is up)."""
+
+    def __init__(self, conn: Conn, status: int, reason: str, request: Request | None = None) -> None:
+        super().__init__(reason)
+        self.conn, self.status, self.reason, self.request = conn, status, reason, request
+
+
+async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str) -> None:
+    """Serve one connection from a peer relay, start to end."""
+    who = f"{remote} ({kind})"
+    try:
+        with trio.fail_after(ctx.config.handshake_timeout_s):
+            conn, peer, request = await _accept_request(ctx, raw, kind)
+            stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {request.name}"
+            try:
+                target = await _open_target(ctx, request.name)
+            except Refused as e:
+                raise _Answerable(conn, e.status, e.reason, request) from None
+            try:
+                await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
+            except BaseException:
+                target.close()
+                raise
+    except _Answerable as e:
+        what = f"{e.request.source} #{e.request.stream_id} {e.request.name}" if e.request else who
+        log.warning("refused %s from %s: %s", what, who, e.reason)
+        peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
+        ctx.count(peer_label, e.request.name if e.request else "", "refused")
+        with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
+            try:
+                await e.conn.send_all(memoryview(encode_reply(Reply(e.status, e.reason))))
+                await e.conn.send_eof()
+            except (OSError, RemoteError):
+                pass  # the peer left first; the refusal is logged and counted above
+        e.conn.close()
+        return
+    except (RemoteError, OSError, trio.TooSlowError) as e:
+        reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
+        log.warning("failed connection from %s: %s", who, reason)
+        ctx.count("unknown", "", "failed")
+        raw.close()
+        return
+    ctx.count(peer.name, request.name, "ok")
+    log.info("%s: open", stream)
+    # the peer's request ended exactly at the header: no payload was read early
+    await _pump(ctx, peer.name, request.name, PlainConn(target), conn, stream)
+
+
+async def accept_inbound_loop(
+    ctx: RelayContext, listener: trio.socket.SocketType, kind: Transport, streams: trio.Nursery
+) -> None:
+    """Accept peer relays on one transport listener; each connection runs on its own."""
+    while True:
+        sock = await net.accept(listener)
+        try:
+            remote = str(sock.getpeername()) if kind != "unix" else "unix peer"
+        except OSError:
+            remote = "vanished peer"
+        streams.start_soon(handle_inbound, ctx, sock, kind, remote)

@@ -1,0 +1,43 @@
+"""systemd integration: sd_notify (READY, STOPPING, STATUS, WATCHDOG).
+
+Talks the notify protocol directly (one datagram per message), so no libsystemd is
+needed. Everything is a no-op when NOTIFY_SOCKET is unset. The environment is a
+parameter so tests need no monkeypatching.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+import trio
+
+
+class Notifier:
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        path = env.get("NOTIFY_SOCKET", "")
+        # "@name" is an abstract socket address
+        self._address = "\0" + path[1:] if path.startswith("@") else path
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        watchdog = usec.isdigit() and (not pid or pid == str(os.getpid()))
+        self.watchdog_interval_s: float | None = int(usec) / 2e6 if watchdog else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def notify(self, *lines: str) -> None:
+        if not self._address:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto("\n".join(lines).encode(), self._address)
+
+    async def watchdog(self) -> None:
+        """Ping the watchdog at half its interval; returns at once if there is none."""
+        if self.watchdog_interval_s is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await trio.sleep(self.watchdog_interval_s)

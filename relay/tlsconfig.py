@@ -1,0 +1,119 @@
+"""The one place that builds TLS contexts and reads certificates.
+
+TLS 1.3 only, mutual authentication against the configured CA. Which peer a
+certificate belongs to is decided by its subjectAltName DNS names, never by the
+address dialled; the check itself lives here too (`cert_names`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+
+from relay.config import TlsFiles
+from relay.errors import PkiError
+
+# Lets pyOpenSSL/OpenSSL resume TLS 1.3 sessions across our many short connections.
+SESSION_ID_CONTEXT: Final = b"migrelay"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This relay's certificate, as loaded and checked at startup."""
+
+    names: frozenset[str]
+    not_after: dt.datetime
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise PkiError(f"Failed to load [tls] {what} {path}: {(e.strerror or str(e)).lower()}") from None
+
+
+def cert_names(cert: x509.Certificate) -> frozenset[str]:
+    """The DNS names in a certificate's subjectAltName (empty if it has none)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(san.get_values_for_type(x509.DNSName))
+
+
+def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identity:
+    """Load and cross-check CA, certificate and key; raise PkiError naming what to fix."""
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        cas = x509.load_pem_x509_certificates(_read(files.ca, "ca"))
+    except ValueError:
+        raise PkiError(f"Failed to load [tls] ca {files.ca}: not a PEM certificate") from None
+    try:
+        cert = x509.load_pem_x509_certificate(_read(files.cert, "cert"))
+    except ValueError:
+        raise PkiError(f"Failed to load [tls] cert {files.cert}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(_read(files.key, "key"), password=None)
+    except (ValueError, TypeError) as e:
+        raise PkiError(f"Failed to load [tls] key {files.key}: {e}") from None
+    cert_key = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    own_key = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if cert_key != own_key:
+        raise PkiError(f"[tls] key {files.key} does not match [tls] cert {files.cert}")
+    if cert.not_valid_after_utc < now:
+        raise PkiError(f"[tls] cert {files.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if cert.not_valid_before_utc > now:
+        raise PkiError(f"[tls] cert {files.cert} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    if not any(ca.subject == cert.issuer for ca in cas):
+        raise PkiError(f"[tls] cert {files.cert} was not issued by [tls] ca {files.ca}")
+    return Identity(cert_names(cert), cert.not_valid_after_utc)
+
+
+def _context(files: TlsFiles, server: bool) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    try:
+        ctx.use_certificate_chain_file(str(files.cert))
+        ctx.use_privatekey_file(str(files.key))
+        ctx.check_privatekey()
+        ctx.load_verify_locations(str(files.ca))
+    except SSL.Error as e:
+        raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    if server:
+        ctx.set_session_id(SESSION_ID_CONTEXT)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    else:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    return ctx
+
+
+def server_context(files: TlsFiles) -> SSL.Context:
+    """Context for accepted peer connections: demands a client certificate from our CA."""
+    return _context(files, server=True)
+
+
+def client_context(files: TlsFiles) -> SSL.Context:
+    """Context for dialled peer connections: presents our certificate, verifies theirs."""
+    return _context(files, server=False)
+
+
+def peer_cert_names(conn: SSL.Connection) -> frozenset[str]:
+    """SAN DNS names of the (already verified) certificate the other side presented."""
+    cert = conn.get_peer_certificate()
+    if cert is None:
+        return frozenset()
+    return cert_names(cert.to_cryptography())
+
+
+__all__ = ["Identity", "cert_names", "client_context", "load_identity", "peer_cert_names", "server_context"]
