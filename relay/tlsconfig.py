@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
@@ -47,6 +48,15 @@ def cert_names(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(san.get_values_for_type(x509.DNSName))
 
 
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """A real signature check: two CAs may well share a subject name."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identity:
     """Load and cross-check CA, certificate and key; raise PkiError naming what to fix."""
     now = now or dt.datetime.now(dt.UTC)
@@ -74,7 +84,7 @@ def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identit
         raise PkiError(f"[tls] cert {files.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     if cert.not_valid_before_utc > now:
         raise PkiError(f"[tls] cert {files.cert} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
-    if not any(ca.subject == cert.issuer for ca in cas):
+    if not any(_issued_by(cert, ca) for ca in cas):
         raise PkiError(f"[tls] cert {files.cert} was not issued by [tls] ca {files.ca}")
     return Identity(cert_names(cert), cert.not_valid_after_utc)
 

@@ -172,7 +172,7 @@ class TlsConn:
             except SSL.SysCallError as e:
                 raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
             except SSL.Error as e:
-                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+                raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
             else:
                 break
         # One wakeup, many records: drain what is already here before returning.
@@ -242,4 +242,5 @@ def _ssl_reason(e: SSL.Error) -> str:
     for err in e.args[0] if e.args and isinstance(e.args[0], list) else []:
         if isinstance(err, tuple) and len(err) == 3:
             parts.append(str(err[2]))
-    return ", ".join(parts) or str(e)
+    # OpenSSL 3 reports a FIN without close_notify as an error with no reason queued
+    return ", ".join(parts) or "stream ended without close_notify (unexpected EOF)"

@@ -1,0 +1,132 @@
+"""Shared helpers for the integration and e2e tiers: certificates, configs, clients."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from relay import config, pki
+
+CHUNK = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Pki:
+    dir: Path
+    other_ca: Path  # a second CA whose certificates our relays must refuse
+
+    def files(self, name: str, folder: Path | None = None) -> str:
+        d = folder or self.dir
+        return f'[tls]\nca = "{self.dir}/ca.pem"\ncert = "{d}/{name}.pem"\nkey = "{d}/{name}-key.pem"\n'
+
+
+def make_pki(root: Path) -> Pki:
+    d = root / "pki"
+    pki.init_ca(d)
+    for name in ("hvA", "hvB", "hvC"):
+        pki.issue(d, name)
+    other = root / "other-ca"
+    pki.init_ca(other)
+    pki.issue(other, "hvA")
+    return Pki(d, other)
+
+
+def pair_configs(
+    root: Path,
+    p: Pki,
+    transport: str = "tls",
+    channels: tuple[str, ...] = ("libvirt.sock", "migration.sock", "nbd.sock"),
+    libvirt: Path | None = None,
+    a_cert: str | None = None,
+) -> tuple[config.Config, config.Config]:
+    """hvA dials, hvB listens; each relay's socket_dir is root/<name>."""
+    if transport == "tls":
+        address = f"127.0.0.1:{free_port()}"
+    elif transport == "tcp":
+        address = f"tcp://127.0.0.1:{free_port()}"
+    else:
+        address = f"unix:{root}/hvB-peer.sock"
+    insecure = "insecure = true\n" if transport == "tcp" else ""
+    chans = "[" + ", ".join(f'"{c}"' for c in channels) + "]"
+    a = (
+        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{p.files("hvA") if a_cert is None else a_cert}\n'
+        f'[peers.hvB]\naddress = "{address}"\nchannels = {chans}\n{insecure}'
+    )
+    lv = f'libvirt = "{libvirt}"\n' if libvirt else ""
+    b = (
+        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{address}"]\n{lv}'
+        f'handshake_timeout_s = 3\n{p.files("hvB")}\n'
+        f"[peers.hvA]\nchannels = {chans}\n{insecure}"
+    )
+    (root / "hvA.toml").write_text(a)
+    (root / "hvB.toml").write_text(b)
+    return config.load(root / "hvA.toml"), config.load(root / "hvB.toml")
+
+
+async def connect(path: Path | str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    return sock
+
+
+async def listen(path: Path) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(128)
+    return sock
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic, non-repeating test data (distinct per seed)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+async def send_stream(sock: trio.socket.SocketType, seed: int, size: int) -> str:
+    """Send `size` bytes of seeded data, then half-close; return their sha256."""
+    h = hashlib.sha256()
+    block = pattern(seed, CHUNK)
+    sent = 0
+    while sent < size:
+        # rotate through the block so no two chunks are alike
+        off = (sent // CHUNK * 4099) % CHUNK
+        n = min(CHUNK, size - sent)
+        piece = (block[off:] + block[:off])[:n]
+        h.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[await sock.send(view) :]
+        sent += n
+    sock.shutdown(socket.SHUT_WR)
+    return h.hexdigest()
+
+
+async def recv_stream(sock: trio.socket.SocketType) -> tuple[int, str]:
+    """Read to EOF; return (bytes, sha256)."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    total = 0
+    while n := await sock.recv_into(buf):
+        h.update(memoryview(buf)[:n])
+        total += n
+    return total, h.hexdigest()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,111 @@
+"""Config is strict: unknown keys, wrong types and missing sections are errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay import config
+from relay.config import Address, parse_address
+from relay.errors import ConfigError
+
+FULL = """
+[relay]
+name = "hv1"
+socket_dir = "/run/migrelay"
+listen = ["0.0.0.0:16515", "unix:/srv/shared/hv1.sock", "tcp://10.0.0.1:16516"]
+libvirt = "/run/libvirt/libvirt-sock"
+
+[tls]
+ca = "/etc/pki/migrelay/ca.pem"
+cert = "/etc/pki/migrelay/hv1.pem"
+key = "/etc/pki/migrelay/hv1-key.pem"
+
+[metrics]
+listen = "127.0.0.1:9465"
+
+[peers.hv2]
+address = "192.0.2.2:16515"
+channels = ["libvirt.sock", "migration.sock", "nbd.sock"]
+
+[peers.hv3]
+address = "tcp://192.0.2.3:16516"
+insecure = true
+"""
+
+
+def load(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_full_example(tmp_path: Path) -> None:
+    cfg = load(tmp_path, FULL)
+    assert cfg.name == "hv1" and cfg.socket_dir == Path("/run/migrelay")
+    assert [a.kind for a in cfg.listen] == ["tls", "unix", "tcp"]
+    assert cfg.peers["hv2"].address == Address("tls", host="192.0.2.2", port=16515)
+    assert cfg.peers["hv3"].insecure and cfg.peers["hv3"].channels == ("libvirt.sock", "migration.sock", "nbd.sock")
+    assert cfg.metrics_listen == Address("tls", host="127.0.0.1", port=9465)
+    assert cfg.handshake_timeout_s == 10
+
+
+def test_effective_config_round_trips(tmp_path: Path) -> None:
+    cfg = load(tmp_path, FULL)
+    again = load(tmp_path, cfg.as_toml())
+    assert again.as_toml() == cfg.as_toml()
+    assert {k: v for k, v in vars(again).items() if k != "source"} == {
+        k: v for k, v in vars(cfg).items() if k != "source"
+    }
+
+
+def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[relay]\nname = "a"\nsocket_dir = "run"\n[tls]\nca = "ca.pem"\ncert = "a.pem"\nkey = "k.pem"\n')
+    assert cfg.socket_dir == tmp_path / "run"
+    assert cfg.tls is not None and cfg.tls.ca == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[relay]\nname = "a"\nbogus = 1\n', r"\[relay\] unknown key\(s\): bogus"),
+        ('[relay]\nname = "a"\n[extra]\n', r"\[top level\] unknown key\(s\): extra"),
+        ('[relay]\nname = 5\n', r"\[relay\] name: expected a string, got int"),
+        ("[relay]\n", r"\[relay\] name is required"),
+        ('name = "a"\n', r"\[relay\] section is required"),
+        ('[relay]\nname = "a"\nlisten = "x:1"\n', r"\[relay\] listen: expected a list of strings"),
+        ('[relay]\nname = "a"\nhandshake_timeout_s = true\n', r"handshake_timeout_s: expected a number"),
+        ('[relay]\nname = "a"\nhandshake_timeout_s = -1\n', r"handshake_timeout_s: must be positive"),
+        ('[relay]\nname = "a b"\n', r"\[relay\] name: relay name 'a b'"),
+        ('[relay]\nname = "a"\nlisten = ["nope"]\n', r"\[relay\] listen: 'nope' is not HOST:PORT"),
+        ('[relay]\nname = "a"\nlisten = ["h:99999"]\n', r"port must be 1-65535"),
+        ('[relay]\nname = "a"\nlisten = ["http://h:1"]\n', r"unknown scheme"),
+        ('[relay]\nname = "a"\nlisten = ["h:1"]\n', r"\[tls\] section is required"),
+        ('[relay]\nname = "a"\n[peers.b]\naddress = "tcp://h:1"\n', r"needs insecure = true in \[peers.b\]"),
+        ('[relay]\nname = "a"\n[peers.a]\n', r"cannot be its own peer"),
+        ('[relay]\nname = "a"\n[peers.b]\nchannels = ["../x"]\n', r"\[peers.b\] channels: socket name '../x'"),
+        ('[relay]\nname = "a"\n[peers.b]\nchannels = ["x", "x"]\n', r"duplicate"),
+        ('[relay]\nname = "a"\n[peers.b]\ninsecure = "yes"\n', r"insecure: expected true or false"),
+        ('[relay]\nname = "a"\nsocket_mode = "rw"\n', r"socket_mode: 'rw' is not an octal mode"),
+        ('[relay]\nname = "a"\n[metrics]\nlisten = "unix:/m"\n', r"\[metrics\] listen: expected HOST:PORT"),
+        ("[relay\n", r"not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"Failed to read config .*nope.toml: No such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_addresses() -> None:
+    assert parse_address("[::1]:5", "k") == Address("tls", host="::1", port=5)
+    assert str(parse_address("[::1]:5", "k")) == "[::1]:5"
+    assert str(parse_address("tcp://h:5", "k")) == "tcp://h:5"
+    assert parse_address("unix:/a/b", "k") == Address("unix", path="/a/b")
+    with pytest.raises(ConfigError, match="empty unix socket path"):
+        parse_address("unix:", "k")

@@ -1,0 +1,51 @@
+"""Socket-overlay names and the destination policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from relay.overlay import DEFAULT_CHANNELS, channel_of, metric_channel, name_problem, refusal
+
+
+@pytest.mark.parametrize("name", ["migration.sock", "nbd.sock", "a1b2-migration.sock", "x_y-z.0"])
+def test_valid_names(name: str) -> None:
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("", "empty"), ("a/b", "'/'"), ("..", "starts with '.'"), (".hidden", "starts with '.'"),
+     ("a b", "characters"), ("a\x00b", "characters"), ("x" * 256, "longer than 255")],
+)
+def test_invalid_names(name: str, why: str) -> None:
+    problem = name_problem(name)
+    assert problem is not None and why in problem
+
+
+def test_sessions_map_to_their_channel() -> None:
+    assert channel_of("3f9a-migration.sock") == "migration.sock"
+    assert channel_of("3f9a-other.sock") == "3f9a-other.sock"
+    assert metric_channel("3f9a-nbd.sock") == "nbd" and metric_channel("libvirt.sock") == "libvirt"
+
+
+def test_policy() -> None:
+    assert refusal("migration.sock", DEFAULT_CHANNELS, True) is None
+    assert refusal("ab12-nbd.sock", DEFAULT_CHANNELS, True) is None
+    assert "not allowed" in (refusal("other.sock", DEFAULT_CHANNELS, True) or "")
+    assert "not allowed" in (refusal("nbd.sock", ("migration.sock",), True) or "")
+    assert "libvirt is not set" in (refusal("libvirt.sock", DEFAULT_CHANNELS, False) or "")
+    assert "'/'" in (refusal("../hvC/migration.sock", DEFAULT_CHANNELS, True) or "")
+
+
+def test_pure_core_imports_no_io_frameworks() -> None:
+    """The sans-IO core must stay importable without trio, sockets libraries or libvirt."""
+    code = (
+        "import sys, relay.protocol, relay.config, relay.overlay, relay.errors;"
+        "bad = {'trio', 'OpenSSL', 'libvirt', 'prometheus_client'} & set(sys.modules);"
+        "print(sorted(bad)); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
