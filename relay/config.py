@@ -216,9 +216,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     if (problem := host_problem(name)) is not None:
         raise ConfigError(f"[relay] name: {problem}")
     socket_dir = _resolve(relay.string("socket_dir", DEFAULT_SOCKET_DIR) or DEFAULT_SOCKET_DIR, base)
-    listen = tuple(
-        parse_address(text, "[relay] listen", base) for text in relay.strings("listen", ())
-    )
+    listen = tuple(parse_address(text, "[relay] listen", base) for text in relay.strings("listen", ()))
     libvirt_text = relay.string("libvirt")
     libvirt = _resolve(libvirt_text, base) if libvirt_text else None
     handshake = relay.number("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
@@ -228,7 +226,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     try:
         socket_mode = int(mode_text, 8)
     except ValueError:
-        raise ConfigError(f"[relay] socket_mode: {mode_text!r} is not an octal mode like \"0660\"") from None
+        raise ConfigError(f'[relay] socket_mode: {mode_text!r} is not an octal mode like "0660"') from None
     relay.done()
 
     tls = None

@@ -68,6 +68,7 @@ def write_demo_configs(root: Path, port: int, transport: str = "tls") -> tuple[P
 
     def tls(name: str) -> str:
         return f'[tls]\nca = "{pki_dir}/ca.pem"\ncert = "{pki_dir}/{name}.pem"\nkey = "{pki_dir}/{name}-key.pem"\n'
+
     a = root / "hvA.toml"
     a.write_text(
         f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\nlisten = []\n\n{tls("hvA")}\n'

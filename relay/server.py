@@ -62,7 +62,9 @@ class Relay:
             ctx.client_tls = client_context(tls)
         return ctx
 
-    async def _bind(self) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:  # noqa: E501
+    async def _bind(
+        self,
+    ) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:  # noqa: E501
         """Create the overlay folders and bind every listener (or raise LocalError)."""
         cfg = self.config
         cfg.socket_dir.mkdir(parents=True, exist_ok=True)

@@ -280,8 +280,8 @@ async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: T
                 target.close()
                 raise
     except _Answerable as e:
-        what = f"{e.request.source} #{e.request.stream_id} {e.request.name}" if e.request else who
-        log.warning("refused %s from %s: %s", what, who, e.reason)
+        what = f"{e.request.source} #{e.request.stream_id} {e.request.name} from " if e.request else ""
+        log.warning("refused %s%s: %s", what, who, e.reason)
         peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
         ctx.count(peer_label, e.request.name if e.request else "", "refused")
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):

@@ -15,7 +15,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from relay.config import TlsFiles
 from relay.errors import PkiError
@@ -75,9 +75,7 @@ def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identit
     cert_key = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    own_key = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    own_key = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if cert_key != own_key:
         raise PkiError(f"[tls] key {files.key} does not match [tls] cert {files.cert}")
     if cert.not_valid_after_utc < now:
@@ -87,6 +85,32 @@ def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identit
     if not any(_issued_by(cert, ca) for ca in cas):
         raise PkiError(f"[tls] cert {files.cert} was not issued by [tls] ca {files.ca}")
     return Identity(cert_names(cert), cert.not_valid_after_utc)
+
+
+# X509_V_ERR_* codes an operator meets in practice, in OpenSSL's own words.
+_VERIFY_ERRORS: Final = {
+    2: "unable to get issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate (not from our CA)",
+    21: "unable to verify the first certificate",
+}
+
+
+def _note_verify_failure(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+    """Keep OpenSSL's verdict; remember why it failed so the handshake error can say so."""
+    if not ok and conn.get_app_data() is None:
+        subject = cert.to_cryptography().subject.rfc4514_string() or "?"
+        conn.set_app_data(f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {subject})")
+    return bool(ok)
+
+
+def verify_failure(conn: SSL.Connection) -> str | None:
+    """Why the peer's certificate was rejected in this connection's handshake, if it was."""
+    reason = conn.get_app_data()
+    return reason if isinstance(reason, str) else None
 
 
 def _context(files: TlsFiles, server: bool) -> SSL.Context:
@@ -99,7 +123,7 @@ def _context(files: TlsFiles, server: bool) -> SSL.Context:
         ctx.load_verify_locations(str(files.ca))
     except SSL.Error as e:
         raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify_failure)
     if server:
         ctx.set_session_id(SESSION_ID_CONTEXT)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

@@ -60,14 +60,15 @@ def pair_configs(
         address = f"unix:{root}/hvB-peer.sock"
     insecure = "insecure = true\n" if transport == "tcp" else ""
     chans = "[" + ", ".join(f'"{c}"' for c in channels) + "]"
+    timeouts = "handshake_timeout_s = 3\ndrain_timeout_s = 2\n"
     a = (
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{p.files("hvA") if a_cert is None else a_cert}\n'
+        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{timeouts}{p.files("hvA") if a_cert is None else a_cert}\n'
         f'[peers.hvB]\naddress = "{address}"\nchannels = {chans}\n{insecure}'
     )
     lv = f'libvirt = "{libvirt}"\n' if libvirt else ""
     b = (
         f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{address}"]\n{lv}'
-        f'handshake_timeout_s = 3\n{p.files("hvB")}\n'
+        f"{timeouts}{p.files('hvB')}\n"
         f"[peers.hvA]\nchannels = {chans}\n{insecure}"
     )
     (root / "hvA.toml").write_text(a)

@@ -18,6 +18,7 @@ import trio
 from OpenSSL import SSL
 
 from relay.errors import PeerUnavailable, RemoteError
+from relay.tlsconfig import verify_failure
 
 # One TLS record carries at most 16 KiB of plaintext; pyOpenSSL's recv_into goes
 # through a temporary buffer of the size asked for, so asking for more only costs.
@@ -154,7 +155,9 @@ class TlsConn:
             except SSL.SysCallError as e:
                 raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
             except SSL.Error as e:
-                raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}") from None
+                why = verify_failure(self._ssl)
+                detail = f": {why}" if why else ""
+                raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}{detail}") from None
             else:
                 return
 

@@ -61,7 +61,8 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
-    cfg = load(tmp_path, '[relay]\nname = "a"\nsocket_dir = "run"\n[tls]\nca = "ca.pem"\ncert = "a.pem"\nkey = "k.pem"\n')
+    text = '[relay]\nname = "a"\nsocket_dir = "run"\n[tls]\nca = "ca.pem"\ncert = "a.pem"\nkey = "k.pem"\n'
+    cfg = load(tmp_path, text)
     assert cfg.socket_dir == tmp_path / "run"
     assert cfg.tls is not None and cfg.tls.ca == tmp_path / "ca.pem"
 
@@ -71,7 +72,7 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
     [
         ('[relay]\nname = "a"\nbogus = 1\n', r"\[relay\] unknown key\(s\): bogus"),
         ('[relay]\nname = "a"\n[extra]\n', r"\[top level\] unknown key\(s\): extra"),
-        ('[relay]\nname = 5\n', r"\[relay\] name: expected a string, got int"),
+        ("[relay]\nname = 5\n", r"\[relay\] name: expected a string, got int"),
         ("[relay]\n", r"\[relay\] name is required"),
         ('name = "a"\n', r"\[relay\] section is required"),
         ('[relay]\nname = "a"\nlisten = "x:1"\n', r"\[relay\] listen: expected a list of strings"),

@@ -17,8 +17,15 @@ def test_valid_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("", "empty"), ("a/b", "'/'"), ("..", "starts with '.'"), (".hidden", "starts with '.'"),
-     ("a b", "characters"), ("a\x00b", "characters"), ("x" * 256, "longer than 255")],
+    [
+        ("", "empty"),
+        ("a/b", "'/'"),
+        ("..", "starts with '.'"),
+        (".hidden", "starts with '.'"),
+        ("a b", "characters"),
+        ("a\x00b", "characters"),
+        ("x" * 256, "longer than 255"),
+    ],
 )
 def test_invalid_names(name: str, why: str) -> None:
     problem = name_problem(name)

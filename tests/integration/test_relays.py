@@ -1,0 +1,369 @@
+"""Two relays in one process, real sockets and real TLS on loopback.
+
+hvA's overlay has `<A>/hvB/<name>` listeners; hvB's own folder `<B>/hvB/` is where
+the "destination hypervisor" (this test) listens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from OpenSSL import SSL
+
+from relay import config, pki
+from relay.config import Config, TlsFiles
+from relay.datapath import TlsConn
+from relay.errors import RemoteError
+from relay.protocol import REQUEST_FIXED, Reply, ReplyReader, Request, encode_request
+from relay.server import Relay
+from relay.session import read_header
+from relay.tlsconfig import client_context
+from tests.support import Pki, connect, free_port, listen, make_pki, pair_configs, recv_stream, send_stream
+
+TRANSPORTS = ["tls", "unix", "tcp"]
+
+
+@asynccontextmanager
+async def running(*configs: Config) -> AsyncIterator[list[Relay]]:
+    async with trio.open_nursery() as nursery:
+        relays = [await nursery.start(Relay(c).run) for c in configs]
+        yield relays
+        for r in relays:
+            r.stop()
+
+
+def counted(relay: Relay, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in relay.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+async def echo_server(listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    """The destination 'hypervisor': for each connection, read to EOF and answer with the digest."""
+
+    async def one(conn: trio.socket.SocketType) -> None:
+        with conn:
+            _, digest = await recv_stream(conn)
+            await conn.send(digest.encode())
+            conn.shutdown(socket.SHUT_WR)
+
+    while True:
+        conn, _ = await listener.accept()
+        nursery.start_soon(one, conn)
+
+
+async def roundtrip(path: Path, seed: int, size: int) -> None:
+    """Send through the overlay and check the far end saw exactly these bytes."""
+    sock = await connect(path)
+    with sock:
+        digest = await send_stream(sock, seed, size)
+        answer = await sock.recv(100)
+        assert answer.decode() == digest
+
+
+@pytest.fixture
+def p(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: str) -> None:
+    a, b = pair_configs(tmp_path, p, transport)
+    size = 96 << 20
+    async with running(a, b) as (ra, rb):
+        dest = await listen(tmp_path / "hvB/hvB/migration.sock")
+        results: dict[str, object] = {}
+
+        async def far_end() -> None:
+            conn, _ = await dest.accept()
+            with conn:
+                async with trio.open_nursery() as n:
+
+                    async def rx() -> None:
+                        results["b_got"] = await recv_stream(conn)
+
+                    async def tx() -> None:
+                        results["b_sent"] = await send_stream(conn, 2, size)
+
+                    n.start_soon(rx)
+                    n.start_soon(tx)
+
+        async def near_end() -> None:
+            sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+            with sock:
+                async with trio.open_nursery() as n:
+
+                    async def rx() -> None:
+                        results["a_got"] = await recv_stream(sock)
+
+                    async def tx() -> None:
+                        results["a_sent"] = await send_stream(sock, 1, size)
+
+                    n.start_soon(rx)
+                    n.start_soon(tx)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(far_end)
+            n.start_soon(near_end)
+        assert results["b_got"] == (size, results["a_sent"])
+        assert results["a_got"] == (size, results["b_sent"])
+        await trio.sleep(0.1)  # let both relays flush their meters after the close
+        for relay, out, peer in ((ra, "tx", "hvB"), (rb, "rx", "hvA")):
+            assert counted(relay, "migrelay_bytes_total", peer=peer, channel="migration", direction=out) == size
+        assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="ok") == 1
+        assert counted(rb, "migrelay_connections_total", peer="hvA", channel="migration", result="ok") == 1
+
+
+async def test_32_concurrent_connections(tmp_path: Path, p: Pki) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b), trio.open_nursery() as servers:
+        dest = await listen(tmp_path / "hvB/hvB/nbd.sock")
+        servers.start_soon(echo_server, dest, servers)
+        async with trio.open_nursery() as clients:
+            for i in range(32):
+                clients.start_soon(roundtrip, tmp_path / "hvA/hvB/nbd.sock", i, (1 << 20) + i * 4099)
+        servers.cancel_scope.cancel()
+
+
+async def test_connections_arrive_in_the_order_they_were_accepted(tmp_path: Path, p: Pki) -> None:
+    """QEMU tells the main migration stream from multifd channels by arrival order."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    count = 16
+    async with running(a, b):
+        dest = await listen(tmp_path / "hvB/hvB/migration.sock")
+        clients = []
+        for i in range(count):  # queued in the backlog in this order, without waiting for the far end
+            sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+            await sock.send(b"%04d" % i)
+            clients.append(sock)
+        arrived = []
+        for _ in range(count):
+            conn, _ = await dest.accept()
+            arrived.append(int(await conn.recv(4)))
+            conn.close()
+        assert arrived == list(range(count))
+        for sock in clients:
+            sock.close()
+
+
+async def test_libvirt_sock_is_mapped_to_the_configured_daemon_socket(tmp_path: Path, p: Pki) -> None:
+    a, b = pair_configs(tmp_path, p, "tls", libvirt=tmp_path / "libvirt-sock")
+    async with running(a, b), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "libvirt-sock"), servers)
+        await roundtrip(tmp_path / "hvA/hvB/libvirt.sock", 7, 100_000)
+        servers.cancel_scope.cancel()
+
+
+# --- refusals: each is answered with a reason, and everything else keeps working -----
+
+
+async def assert_refused_close(path: Path) -> None:
+    """The source client sees a refused/failed target as a connection closed without data."""
+    sock = await connect(path)
+    with sock, trio.fail_after(10):
+        assert await sock.recv(10) == b""
+
+
+async def test_target_nobody_listens_on(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b) as (ra, rb):
+        await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
+        assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="refused") == 1
+        assert counted(rb, "migrelay_connections_total", peer="hvA", channel="migration", result="refused") == 1
+        # the reason is logged on both relays
+        reasons = [r.getMessage() for r in caplog.records if "nothing listens on" in r.getMessage()]
+        assert any("refused by hvB" in m for m in reasons) and any("refused hvA" in m for m in reasons)
+
+
+async def test_symlink_and_non_socket_targets_are_refused(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "elsewhere.sock"), servers)
+        os.symlink(tmp_path / "elsewhere.sock", tmp_path / "hvB/hvB/migration.sock")
+        (tmp_path / "hvB/hvB/nbd.sock").write_text("a regular file")
+        await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
+        await assert_refused_close(tmp_path / "hvA/hvB/nbd.sock")
+        messages = " ".join(r.getMessage() for r in caplog.records)
+        assert "is a symlink" in messages and "is not a socket" in messages
+        servers.cancel_scope.cancel()
+
+
+async def test_peer_down(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    a, _unused_b = pair_configs(tmp_path, p, "tls")
+    async with running(a) as (ra,):
+        await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
+        assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="failed") == 1
+        assert any("cannot reach hvB" in r.getMessage() for r in caplog.records)
+
+
+async def test_libvirt_refused_when_not_configured(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b):
+        await assert_refused_close(tmp_path / "hvA/hvB/libvirt.sock")
+        assert any("[relay] libvirt is not set" in r.getMessage() for r in caplog.records)
+
+
+async def test_peer_certificate_must_name_the_peer(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """hvA dials 'hvB' but the relay there presents hvC's (valid, same-CA) certificate."""
+    a, _unused_b = pair_configs(tmp_path, p, "tls")
+    b_text = (tmp_path / "hvB.toml").read_text().replace("hvB.pem", "hvC.pem").replace("hvB-key.pem", "hvC-key.pem")
+    (tmp_path / "hvB.toml").write_text(b_text)
+    async with running(a, config.load(tmp_path / "hvB.toml")) as (ra, _):
+        await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
+        assert any("names hvC, not hvB" in r.getMessage() for r in caplog.records)
+        assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="failed") == 1
+
+
+class BadPeer:
+    """Dials hvB's TLS listener directly, with any certificate, and speaks any bytes."""
+
+    def __init__(self, b: Config, p: Pki) -> None:
+        self.b, self.p = b, p
+
+    async def open(self, cert: str = "hvA", ca_dir: Path | None = None, with_cert: bool = True) -> TlsConn:
+        folder = ca_dir or self.p.dir
+        files = TlsFiles(self.p.dir / "ca.pem", folder / f"{cert}.pem", folder / f"{cert}-key.pem")
+        ctx = client_context(files)
+        if not with_cert:
+            ctx = SSL.Context(SSL.TLS_METHOD)
+            ctx.load_verify_locations(str(self.p.dir / "ca.pem"))
+        addr = self.b.listen[0]
+        sock = trio.socket.socket()
+        await sock.connect((addr.host, addr.port))
+        conn = TlsConn.client(sock, ctx)
+        await conn.handshake()
+        return conn
+
+    async def request(self, conn: TlsConn, data: bytes) -> Reply:
+        await conn.send_all(memoryview(data))
+        reply = await read_header(conn, ReplyReader())
+        assert isinstance(reply, Reply)
+        return reply
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1, "not a migrelay header"),
+        (REQUEST_FIXED.pack(b"MGRL", 1, 1, 3, 60000, 1) + b"hvA", 1, "too large"),
+        (REQUEST_FIXED.pack(b"MGRL", 7, 1, 3, 3, 1) + b"hvAabc", 4, "version 7"),
+        (encode_request(Request("hvA", "../hvC/migration.sock", 1)), 2, "contains '/'"),
+        (encode_request(Request("hvA", "other.sock", 1)), 2, "not allowed for this peer"),
+        (encode_request(Request("hvC", "migration.sock", 1)), 2, "certificate names hvA, not hvC"),
+    ],
+)
+async def test_bad_requests_get_a_reason(
+    tmp_path: Path, p: Pki, data: bytes, status: int, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        # a good stream is in flight while the bad peer tries its luck
+        good = await connect(tmp_path / "hvA/hvB/migration.sock")
+        await good.send(b"first half ")
+        bad = BadPeer(b, p)
+        conn = await bad.open()
+        reply = await bad.request(conn, data)
+        conn.close()
+        assert (reply.status, reason in reply.reason) == (status, True), reply
+        assert any(reason in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert counted(rb, "migrelay_connections_total", result="refused") == 1
+        await good.send(b"second half")
+        good.shutdown(socket.SHUT_WR)
+        assert (await good.recv(100)).decode() == hashlib.sha256(b"first half second half").hexdigest()
+        good.close()
+        servers.cancel_scope.cancel()
+
+
+async def test_unconfigured_peer_with_a_valid_certificate(tmp_path: Path, p: Pki) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b):
+        bad = BadPeer(b, p)
+        conn = await bad.open(cert="hvC")
+        reply = await bad.request(conn, encode_request(Request("hvC", "migration.sock", 1)))
+        conn.close()
+        assert reply.status == 2 and "hvC is not a configured peer of hvB" in reply.reason
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "another CA", "expired"])
+async def test_tls_clients_that_fail_authentication(
+    tmp_path: Path, p: Pki, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    if case == "expired":
+        pki.issue(p.dir, "hvA-old", days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        bad = BadPeer(b, p)
+        # TLS 1.3: the client finishes its handshake first and hears the server's alert on its next read
+        alert = {
+            "no client certificate": "certificate required",
+            "another CA": "unknown ca",
+            "expired": "certificate expired",
+        }[case]
+        with pytest.raises(RemoteError, match=alert):
+            if case == "no client certificate":
+                conn = await bad.open(with_cert=False)
+            elif case == "another CA":
+                conn = await bad.open(ca_dir=p.other_ca)
+            else:
+                conn = await bad.open(cert="hvA-old")
+            await bad.request(conn, encode_request(Request("hvA", "migration.sock", 1)))
+        await trio.sleep(0.2)
+        assert counted(rb, "migrelay_connections_total", peer="unknown", result="failed") == 1
+        expected = {
+            "no client certificate": "peer did not return a certificate",
+            "another CA": "unable to get local issuer certificate",
+            "expired": "certificate has expired",
+        }[case]
+        assert any(expected in r.getMessage() for r in caplog.records if r.name == "migrelay.session")
+        # and the relay still serves a good stream
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 5, 1 << 20)
+        servers.cancel_scope.cancel()
+
+
+async def test_silent_peer_times_out(tmp_path: Path, p: Pki, autojump_clock: trio.abc.Clock) -> None:
+    """A connection that never starts its handshake is dropped after handshake_timeout_s."""
+    _unused_a, b = pair_configs(tmp_path, p, "tls")
+    async with running(b) as (rb,):
+        addr = b.listen[0]
+        sock = trio.socket.socket()
+        await sock.connect((addr.host, addr.port))
+        with trio.fail_after(b.handshake_timeout_s + 5):
+            assert await sock.recv(10) == b""
+        assert counted(rb, "migrelay_connections_total", peer="unknown", result="failed") == 1
+        sock.close()
+
+
+async def test_metrics_endpoint(tmp_path: Path, p: Pki) -> None:
+    a, _unused_b = pair_configs(tmp_path, p, "tls")
+    port = free_port()
+    text = (tmp_path / "hvB.toml").read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    (tmp_path / "hvB.toml").write_text(text)
+    async with running(a, config.load(tmp_path / "hvB.toml")), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 1, 123_456)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = b""
+        while chunk := await stream.receive_some():
+            body += chunk
+        assert body.startswith(b"HTTP/1.1 200 OK")
+        assert b'migrelay_bytes_total{channel="migration",direction="rx",peer="hvA"} 123456.0' in body
+        assert b'migrelay_connections_total{channel="migration",peer="hvA",result="ok"} 1.0' in body
+        servers.cancel_scope.cancel()
