@@ -29,7 +29,7 @@ deps:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check relay tests bench
+	$(VENV)/bin/ruff check relay tests
 	$(VENV)/bin/mypy
 
 test: deps venv lint

@@ -65,10 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relay.server import Relay, run_until_signalled
+    from relay.server import Relay, run_daemon
 
-    cfg = config.load(args.config)
-    trio.run(run_until_signalled, Relay(cfg, allow_splice=not args.no_splice))
+    run_daemon(Relay(config.load(args.config), allow_splice=not args.no_splice))
     return EXIT_OK
 
 

@@ -119,3 +119,22 @@ async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             _tune_tcp(sock)
         return sock
+
+
+async def _bound_address(address: Address) -> object:
+    """What getsockname() says for a socket bound to `address`."""
+    if address.kind == "unix":
+        return address.path
+    infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][4][:2] if infos else None
+
+
+async def adopt(address: Address, inherited: list[socket.socket]) -> trio.socket.SocketType | None:
+    """Take the inherited (socket-activated) listener bound to `address` out of `inherited`, if any."""
+    wanted = await _bound_address(address)
+    for sock in inherited:
+        name = sock.getsockname()
+        if (name if isinstance(name, str) else name[:2]) == wanted:
+            inherited.remove(sock)
+            return trio.socket.from_stdlib_socket(sock)
+    return None

@@ -22,10 +22,11 @@ import trio
 
 from relay import net
 from relay.config import Address, Config
+from relay.errors import LocalError
 from relay.metrics import Metrics, serve_metrics
 from relay.overlay import peer_dir
 from relay.session import RelayContext, accept_inbound_loop, accept_outbound_loop
-from relay.systemd import Notifier
+from relay.systemd import Notifier, inherited_sockets
 from relay.tlsconfig import client_context, load_identity, server_context
 
 log = logging.getLogger("migrelay.server")
@@ -64,16 +65,25 @@ class Relay:
 
     async def _bind(
         self,
-    ) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:  # noqa: E501
+    ) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:
         """Create the overlay folders and bind every listener (or raise LocalError)."""
         cfg = self.config
         cfg.socket_dir.mkdir(parents=True, exist_ok=True)
         peer_dir(cfg.socket_dir, cfg.name).mkdir(mode=DIR_MODE, exist_ok=True)
+        inherited = inherited_sockets(self.env)
         inbound = []
         for address in cfg.listen:
+            adopted = await net.adopt(address, inherited)
+            if adopted is not None:
+                log.info("using the socket-activated listener for %s", address)
+                inbound.append((adopted, address))
+                continue
             inbound.append((await net.listen(address, cfg.socket_mode), address))
             if address.kind == "unix":
                 self._socket_files.append(Path(address.path))
+        if inherited:
+            names = ", ".join(str(s.getsockname()) for s in inherited)
+            raise LocalError(f"systemd passed socket(s) {names} that no [relay] listen entry names")
         outbound = []
         for peer in cfg.peers.values():
             folder = peer_dir(cfg.socket_dir, peer.name)
@@ -140,3 +150,21 @@ async def run_until_signalled(relay: Relay) -> None:
             nursery.start_soon(watch)
             await relay.run()
             nursery.cancel_scope.cancel()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
+
+
+def run_daemon(relay: Relay) -> None:
+    """`migrelay serve`: run until signalled; a startup problem surfaces as its one LocalError."""
+    try:
+        trio.run(run_until_signalled, relay)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if leaves and all(isinstance(e, LocalError) for e in leaves):
+            raise leaves[0] from None
+        raise

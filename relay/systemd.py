@@ -1,8 +1,8 @@
-"""systemd integration: sd_notify (READY, STOPPING, STATUS, WATCHDOG).
+"""systemd integration: sd_notify (READY, STOPPING, STATUS, WATCHDOG) and socket activation.
 
 Talks the notify protocol directly (one datagram per message), so no libsystemd is
-needed. Everything is a no-op when NOTIFY_SOCKET is unset. The environment is a
-parameter so tests need no monkeypatching.
+needed. Everything is a no-op when NOTIFY_SOCKET / LISTEN_FDS are unset. The
+environment is a parameter so tests need no monkeypatching.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import socket
 from collections.abc import Mapping
 
 import trio
+
+# sd_listen_fds(3): passed sockets start at fd 3
+SD_LISTEN_FDS_START = 3
 
 
 class Notifier:
@@ -41,3 +44,15 @@ class Notifier:
         while True:
             self.notify("WATCHDOG=1")
             await trio.sleep(self.watchdog_interval_s)
+
+
+def inherited_sockets(env: Mapping[str, str] = os.environ) -> list[socket.socket]:
+    """The listening sockets systemd passed us (LISTEN_FDS), if they are meant for this process."""
+    if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS", "").isdigit():
+        return []
+    count = int(env["LISTEN_FDS"])
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks

@@ -131,3 +131,25 @@ async def recv_stream(sock: trio.socket.SocketType) -> tuple[int, str]:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics from a relay; samples keyed by (name, labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def add_metrics(config_path: Path) -> int:
+    """Give a written config a [metrics] listener on a free port; return the port."""
+    port = free_port()
+    config_path.write_text(config_path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    return port

@@ -110,3 +110,9 @@ def test_addresses() -> None:
     assert parse_address("unix:/a/b", "k") == Address("unix", path="/a/b")
     with pytest.raises(ConfigError, match="empty unix socket path"):
         parse_address("unix:", "k")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "config").rglob("*.toml")), ids=str)
+def test_shipped_examples_are_valid(path: Path) -> None:
+    cfg = config.load(path)
+    assert cfg.peers

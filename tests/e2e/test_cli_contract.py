@@ -1,0 +1,75 @@
+"""The command line: one-line errors with exit status 2, `check` findings, `pki` files.
+
+Why it matters: operators run these by hand and from config management; a traceback or
+a silent success on bad input costs them an outage.
+"""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import serve
+from tests.support import make_pki, pair_configs
+
+
+def migrelay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    one_line_error(migrelay("serve", "--config", str(tmp_path / "nope.toml")), "No such file or directory")
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[relay]\nname = "a"\nlisten_on = []\n')
+    one_line_error(migrelay("check", "--config", str(cfg)), "[relay] unknown key(s): listen_on")
+
+
+@pytest.mark.parametrize("broken", ["missing cert", "wrong key"])
+def test_serve_refuses_bad_certificates(tmp_path: Path, broken: str) -> None:
+    p = make_pki(tmp_path)
+    pair_configs(tmp_path, p, "tls")
+    cfg = tmp_path / "hvB.toml"
+    if broken == "missing cert":
+        cfg.write_text(cfg.read_text().replace("hvB.pem", "gone.pem"))
+        expected = "gone.pem: no such file"
+    else:
+        cfg.write_text(cfg.read_text().replace("hvB-key.pem", "hvA-key.pem"))
+        expected = "does not match"
+    one_line_error(migrelay("serve", "--config", str(cfg)), expected)
+
+
+def test_check_reports_each_finding(tmp_path: Path) -> None:
+    p = make_pki(tmp_path)
+    pair_configs(tmp_path, p, "tls")
+    down = migrelay("check", "--config", str(tmp_path / "hvA.toml"))
+    assert down.returncode == 1
+    assert "ok: [tls] cert" in down.stdout and "error: peer hvB at 127.0.0.1" in down.stdout
+    with serve(tmp_path / "hvB.toml"):
+        up = migrelay("check", "--print", "--config", str(tmp_path / "hvA.toml"))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert '[peers.hvB]\naddress = "127.0.0.1:' in up.stdout
+    assert "ok: peer hvB at 127.0.0.1" in up.stdout and "TLSv1.3 mutual auth ok" in up.stdout
+
+
+def test_pki_commands(tmp_path: Path) -> None:
+    assert migrelay("pki", "init", str(tmp_path)).returncode == 0
+    issued = migrelay("pki", "issue", str(tmp_path), "hv9", "--dns", "hv9.example", "--ip", "192.0.2.9")
+    assert issued.returncode == 0, issued.stderr
+    assert stat.S_IMODE((tmp_path / "hv9-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "ca-key.pem").stat().st_mode) == 0o600
+    one_line_error(migrelay("pki", "init", str(tmp_path)), "already holds a CA")
+    one_line_error(migrelay("pki", "issue", str(tmp_path), "bad name"), "must be a DNS name")
+    one_line_error(migrelay("pki", "issue", str(tmp_path), "x", "--ip", "nope"), "--ip")
