@@ -35,6 +35,12 @@ class Metrics:
             ["peer", "channel", "result"],
             registry=self.registry,
         )
+        self.tls_handshakes = Counter(
+            "migrelay_tls_handshakes",
+            "Completed TLS handshakes with peer relays; resumed=yes skipped the certificate exchange.",
+            ["role", "resumed"],
+            registry=self.registry,
+        )
         self.active = Gauge(
             "migrelay_active_streams",
             "Forwarded connections currently carrying bytes.",

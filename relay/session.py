@@ -37,7 +37,7 @@ from relay.errors import (
 from relay.metrics import Metrics
 from relay.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
 from relay.protocol import Reply, ReplyReader, Request, RequestReader, UnsupportedVersion, encode_reply, encode_request
-from relay.tlsconfig import peer_cert_names
+from relay.tlsconfig import peer_cert_names, resumed
 
 log = logging.getLogger("migrelay.session")
 
@@ -64,6 +64,9 @@ class RelayContext:
 
     def count(self, peer: str, name: str, result: Result) -> None:
         self.metrics.connections.labels(peer, self.channel_label(peer, name), result).inc()
+
+    def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
+        self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
 
     def channel_label(self, peer: str, name: str) -> str:
         """Bounded label values: names a peer invents do not create new series."""
@@ -129,6 +132,7 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
             tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_sessions.get(peer.name))
             tls.ssl.set_tlsext_host_name(peer.name.encode())
             await tls.handshake()
+            ctx.count_handshake("client", tls)
             names = peer_cert_names(tls.ssl)
             if peer.name not in names:
                 raise PeerUnavailable(
@@ -235,6 +239,7 @@ async def _accept_request(
         tls = TlsConn.server(raw, ctx.server_tls)
         conn = tls
         await tls.handshake()
+        ctx.count_handshake("server", tls)
         names = peer_cert_names(tls.ssl)
     else:
         conn = PlainConn(raw)

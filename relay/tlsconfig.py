@@ -99,18 +99,44 @@ _VERIFY_ERRORS: Final = {
 }
 
 
-def _note_verify_failure(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-    """Keep OpenSSL's verdict; remember why it failed so the handshake error can say so."""
-    if not ok and conn.get_app_data() is None:
+@dataclass
+class HandshakeNotes:
+    """What the verify callback saw during one connection's handshake (its app data)."""
+
+    certificate_checked: bool = False  # still False after a handshake: resumed, no certificate sent
+    failure: str | None = None
+
+
+def new_notes(conn: SSL.Connection) -> None:
+    conn.set_app_data(HandshakeNotes())
+
+
+def _notes(conn: SSL.Connection) -> HandshakeNotes:
+    notes = conn.get_app_data()
+    if not isinstance(notes, HandshakeNotes):
+        notes = HandshakeNotes()
+        conn.set_app_data(notes)
+    return notes
+
+
+def _note_verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+    """Keep OpenSSL's verdict; remember that a certificate was checked and why it failed."""
+    notes = _notes(conn)
+    notes.certificate_checked = True
+    if not ok and notes.failure is None:
         subject = cert.to_cryptography().subject.rfc4514_string() or "?"
-        conn.set_app_data(f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {subject})")
+        notes.failure = f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {subject})"
     return bool(ok)
 
 
 def verify_failure(conn: SSL.Connection) -> str | None:
     """Why the peer's certificate was rejected in this connection's handshake, if it was."""
-    reason = conn.get_app_data()
-    return reason if isinstance(reason, str) else None
+    return _notes(conn).failure
+
+
+def resumed(conn: SSL.Connection) -> bool:
+    """After a successful handshake: was it a session resumption (no certificate exchanged)?"""
+    return not _notes(conn).certificate_checked
 
 
 def _context(files: TlsFiles, server: bool) -> SSL.Context:
@@ -123,7 +149,7 @@ def _context(files: TlsFiles, server: bool) -> SSL.Context:
         ctx.load_verify_locations(str(files.ca))
     except SSL.Error as e:
         raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify_failure)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify)
     if server:
         ctx.set_session_id(SESSION_ID_CONTEXT)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

@@ -18,7 +18,7 @@ import trio
 from OpenSSL import SSL
 
 from relay.errors import PeerUnavailable, RemoteError
-from relay.tlsconfig import verify_failure
+from relay.tlsconfig import new_notes, verify_failure
 
 # One TLS record carries at most 16 KiB of plaintext; pyOpenSSL's recv_into goes
 # through a temporary buffer of the size asked for, so asking for more only costs.
@@ -113,6 +113,7 @@ class TlsConn:
     @classmethod
     def client(cls, sock: trio.socket.SocketType, ctx: SSL.Context, session: SSL.Session | None = None) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
+        new_notes(conn)
         conn.set_connect_state()
         if session is not None:
             conn.set_session(session)
@@ -121,6 +122,7 @@ class TlsConn:
     @classmethod
     def server(cls, sock: trio.socket.SocketType, ctx: SSL.Context) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
+        new_notes(conn)
         conn.set_accept_state()
         return cls(sock, conn)
 

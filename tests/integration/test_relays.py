@@ -367,3 +367,59 @@ async def test_metrics_endpoint(tmp_path: Path, p: Pki) -> None:
         assert b'migrelay_bytes_total{channel="migration",direction="rx",peer="hvA"} 123456.0' in body
         assert b'migrelay_connections_total{channel="migration",peer="hvA",result="ok"} 1.0' in body
         servers.cancel_scope.cancel()
+
+
+async def test_tls_sessions_are_resumed(tmp_path: Path, p: Pki) -> None:
+    """Many short connections (multifd, NBD, libvirt) must not each pay a full handshake."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b) as (ra, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        for i in range(3):
+            await roundtrip(tmp_path / "hvA/hvB/migration.sock", i, 1000)
+        for relay, role in ((ra, "client"), (rb, "server")):
+            assert counted(relay, "migrelay_tls_handshakes_total", role=role, resumed="no") == 1
+            assert counted(relay, "migrelay_tls_handshakes_total", role=role, resumed="yes") == 2
+        servers.cancel_scope.cancel()
+
+
+async def test_one_relay_listens_on_every_transport_at_once(tmp_path: Path, p: Pki) -> None:
+    """hvB serves a TLS port, a unix socket and a plaintext port together; three hvA relays use one each."""
+    port_tls, port_tcp = free_port(), free_port()
+    b_text = (
+        f'[relay]\nname = "hvB"\nsocket_dir = "{tmp_path}/hvB"\n'
+        f'listen = ["127.0.0.1:{port_tls}", "unix:{tmp_path}/hvB-peer.sock", "tcp://127.0.0.1:{port_tcp}"]\n'
+        f"{p.files('hvB')}\n[peers.hvA]\ninsecure = true\n"
+    )
+    (tmp_path / "hvB.toml").write_text(b_text)
+    sources = []
+    for kind, address in (
+        ("tls", f"127.0.0.1:{port_tls}"),
+        ("unix", f"unix:{tmp_path}/hvB-peer.sock"),
+        ("tcp", f"tcp://127.0.0.1:{port_tcp}"),
+    ):
+        insecure = "insecure = true\n" if kind == "tcp" else ""
+        path = tmp_path / f"hvA-{kind}.toml"
+        path.write_text(
+            f'[relay]\nname = "hvA"\nsocket_dir = "{tmp_path}/hvA-{kind}"\n{p.files("hvA")}\n'
+            f'[peers.hvB]\naddress = "{address}"\n{insecure}'
+        )
+        sources.append(config.load(path))
+    async with running(config.load(tmp_path / "hvB.toml"), *sources), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/nbd.sock"), servers)
+        async with trio.open_nursery() as clients:
+            for i, kind in enumerate(("tls", "unix", "tcp")):
+                clients.start_soon(roundtrip, tmp_path / f"hvA-{kind}/hvB/nbd.sock", i, 4 << 20)
+        servers.cancel_scope.cancel()
+
+
+async def test_plaintext_tcp_is_refused_for_a_peer_without_insecure(tmp_path: Path, p: Pki) -> None:
+    _unused_a, b = pair_configs(tmp_path, p, "tcp")
+    (tmp_path / "hvB.toml").write_text((tmp_path / "hvB.toml").read_text().replace("insecure = true\n", ""))
+    async with running(config.load(tmp_path / "hvB.toml")):
+        addr = config.load(tmp_path / "hvB.toml").listen[0]
+        sock = trio.socket.socket()
+        await sock.connect((addr.host, addr.port))
+        await sock.send(encode_request(Request("hvA", "migration.sock", 1)))
+        reply = ReplyReader().feed(await sock.recv(2048))
+        sock.close()
+        assert reply is not None and reply.status == 2 and "may not use plaintext tcp" in reply.reason
