@@ -413,7 +413,7 @@ async def test_one_relay_listens_on_every_transport_at_once(tmp_path: Path, p: P
 
 
 async def test_plaintext_tcp_is_refused_for_a_peer_without_insecure(tmp_path: Path, p: Pki) -> None:
-    _unused_a, b = pair_configs(tmp_path, p, "tcp")
+    pair_configs(tmp_path, p, "tcp")
     (tmp_path / "hvB.toml").write_text((tmp_path / "hvB.toml").read_text().replace("insecure = true\n", ""))
     async with running(config.load(tmp_path / "hvB.toml")):
         addr = config.load(tmp_path / "hvB.toml").listen[0]
