@@ -423,3 +423,25 @@ async def test_plaintext_tcp_is_refused_for_a_peer_without_insecure(tmp_path: Pa
         reply = ReplyReader().feed(await sock.recv(2048))
         sock.close()
         assert reply is not None and reply.status == 2 and "may not use plaintext tcp" in reply.reason
+
+
+async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
+    """SIGTERM mid-migration: no new connections, but the running stream finishes byte-exact."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b) as (ra, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+        await sock.send(b"before the stop, ")
+        with trio.fail_after(5):  # established end to end (not just queued in A's backlog)
+            while counted(rb, "migrelay_active_streams") < 1:
+                await trio.sleep(0.01)
+        ra.stop()
+        rb.stop()
+        with trio.fail_after(5):
+            while (tmp_path / "hvA/hvB/migration.sock").exists():
+                await trio.sleep(0.01)
+        await sock.send(b"after the stop")
+        sock.shutdown(socket.SHUT_WR)
+        assert (await sock.recv(100)).decode() == hashlib.sha256(b"before the stop, after the stop").hexdigest()
+        sock.close()
+        servers.cancel_scope.cancel()
