@@ -125,6 +125,7 @@ class Relay:
                         sock.close()
                     for sock, _, _ in outbound:
                         sock.close()
+                    self._remove_socket_files()  # new clients fail at once instead of queueing
                 notifier.notify("STOPPING=1", "STATUS=draining")
                 log.info("stopped accepting; draining streams for up to %.0fs", self.config.drain_timeout_s)
                 streams.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout_s
