@@ -6,6 +6,7 @@ Exit status: 0 success, 1 a check or transfer failed, 2 bad input (one line on s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import trio
 
-from relay import __version__, config, pki
+from relay import __version__, config, control, pki
 from relay.errors import LocalError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONTROL = Path(config.DEFAULT_SOCKET_DIR) / config.CONTROL_SOCKET_NAME
 
 
 def _size(text: str) -> int:
@@ -57,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--dns", action="append", default=[], help="extra DNS name (repeatable)")
     kc.add_argument("--ip", action="append", default=[], help="extra IP address (repeatable)")
     kc.add_argument("--days", type=int, default=pki.HOST_DAYS)
+
+    def control_options(parser: argparse.ArgumentParser) -> None:
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--control", type=Path, help=f"control socket (default {DEFAULT_CONTROL})")
+        where.add_argument("--config", "-c", type=Path, help="take the control socket from this config")
+
+    se = sub.add_parser("session", help="per-migration overlay sockets (for concurrent migrations)")
+    sesub = se.add_subparsers(dest="session_command", required=True)
+    so = sesub.add_parser("open", help="new <id>-migration.sock/<id>-nbd.sock for PEER; prints the URIs as JSON")
+    so.add_argument("peer")
+    control_options(so)
+    sc = sesub.add_parser("close", help="remove a session's sockets (running streams continue)")
+    sc.add_argument("id")
+    control_options(sc)
+    control_options(sesub.add_parser("list", help="open sessions, as JSON"))
+
+    st = sub.add_parser("status", help="peers, traffic and sessions of the running relay")
+    st.add_argument("--json", action="store_true")
+    control_options(st)
 
     d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
     d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
@@ -100,7 +121,54 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
-COMMANDS = {"serve": _serve, "check": _check, "pki": _pki, "demo": _demo}
+def _control_path(args: argparse.Namespace) -> Path:
+    if args.control is not None:
+        return Path(args.control)
+    if args.config is not None:
+        return config.load(args.config).control_path
+    return DEFAULT_CONTROL
+
+
+def _session(args: argparse.Namespace) -> int:
+    path = _control_path(args)
+    if args.session_command == "open":
+        result = control.request(path, "open", peer=args.peer)
+    elif args.session_command == "close":
+        result = control.request(path, "close", id=args.id)
+    else:
+        result = control.request(path, "list")
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = control.request(_control_path(args), "status")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(f"relay {result['relay']}: up {result['uptime_s']:.0f}s, overlay {result['socket_dir']}, "
+          f"listening on {', '.join(result['listen']) or 'nothing (dials out only)'}")  # fmt: skip
+    for name, peer in result["peers"].items():
+        print(
+            f"  peer {name} ({peer['address'] or 'accept only'}): {peer.get('active_streams', 0)} active, "
+            f"tx {peer.get('bytes_tx', 0)} B, rx {peer.get('bytes_rx', 0)} B, connections ok "
+            f"{peer.get('connections_ok', 0)} refused {peer.get('connections_refused', 0)} "
+            f"failed {peer.get('connections_failed', 0)}"
+        )
+    for session in result["sessions"]:
+        print(f"  session {session['id']} to {session['peer']}: {session['active_streams']} active, "
+              f"idle {session['idle_s']:.0f}s, {session.get('migrateuri', '')}")  # fmt: skip
+    return EXIT_OK
+
+
+COMMANDS = {
+    "serve": _serve,
+    "check": _check,
+    "pki": _pki,
+    "session": _session,
+    "status": _status,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,8 @@ DEFAULT_SOCKET_DIR: Final = "/run/migrelay"
 DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
 DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
 DEFAULT_SOCKET_MODE: Final = 0o660
+DEFAULT_SESSION_IDLE_S: Final = 600.0
+CONTROL_SOCKET_NAME: Final = "control.sock"
 
 Transport = Literal["tls", "unix", "tcp"]
 
@@ -87,10 +89,16 @@ class Config:
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     socket_mode: int = DEFAULT_SOCKET_MODE
+    control: Path | None = None  # None: <socket_dir>/control.sock
+    session_idle_s: float = DEFAULT_SESSION_IDLE_S
     tls: TlsFiles | None = None
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     source: Path | None = None
+
+    @property
+    def control_path(self) -> Path:
+        return self.control if self.control is not None else self.socket_dir / CONTROL_SOCKET_NAME
 
     def needs_tls(self) -> bool:
         return any(a.kind == "tls" for a in self.listen) or any(
@@ -112,6 +120,8 @@ class Config:
             f"handshake_timeout_s = {self.handshake_timeout_s}",
             f"drain_timeout_s = {self.drain_timeout_s}",
             f"socket_mode = {q(oct(self.socket_mode)[2:].rjust(4, '0'))}",
+            f"control = {q(str(self.control_path))}",
+            f"session_idle_s = {self.session_idle_s}",
         ]
         if self.tls is not None:
             lines += ["", "[tls]", f"ca = {q(str(self.tls.ca))}", f"cert = {q(str(self.tls.cert))}"]
@@ -221,6 +231,9 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     libvirt = _resolve(libvirt_text, base) if libvirt_text else None
     handshake = relay.number("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
     drain = relay.number("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)
+    control_text = relay.string("control")
+    control = _resolve(control_text, base) if control_text else None
+    session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
     mode_text = relay.string("socket_mode", oct(DEFAULT_SOCKET_MODE)[2:])
     assert mode_text is not None
     try:
@@ -263,6 +276,8 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         handshake_timeout_s=handshake,
         drain_timeout_s=drain,
         socket_mode=socket_mode,
+        control=control,
+        session_idle_s=session_idle,
         tls=tls,
         metrics_listen=metrics_listen,
         peers=peers,

@@ -22,6 +22,7 @@ import trio
 
 from relay import net
 from relay.config import Address, Config
+from relay.control import Control
 from relay.errors import LocalError
 from relay.metrics import Metrics, serve_metrics
 from relay.overlay import peer_dir
@@ -40,6 +41,7 @@ class Relay:
     metrics: Metrics = field(default_factory=Metrics)
     allow_splice: bool = True
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    control: Control | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
 
@@ -107,6 +109,8 @@ class Relay:
                     for sock, peer_name, name in outbound:
                         peer = self.config.peers[peer_name]
                         accepting.start_soon(accept_outbound_loop, ctx, sock, peer, name, streams)
+                    self.control = Control(ctx, streams)
+                    await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
                     accepting.start_soon(notifier.watchdog)

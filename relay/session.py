@@ -76,6 +76,21 @@ class RelayContext:
         return "other"
 
 
+@dataclass
+class Activity:
+    """Streams running through a group of listeners, and when that last changed (trio clock)."""
+
+    active: int = 0
+    since: float = field(default_factory=trio.current_time)
+
+    def touch(self) -> None:
+        self.since = trio.current_time()
+
+    def idle_for(self) -> float:
+        """Seconds without any stream; 0 while one runs."""
+        return 0.0 if self.active else trio.current_time() - self.since
+
+
 async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Reply:
     """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
     buf = bytearray(max(reader.wanted(), 64))
@@ -91,8 +106,18 @@ async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Reques
             return message
 
 
-async def _pump(ctx: RelayContext, peer: str, name: str, local: Conn, remote: Conn, stream: str) -> None:
+async def _pump(
+    ctx: RelayContext,
+    peer: str,
+    name: str,
+    local: Conn,
+    remote: Conn,
+    stream: str,
+    activity: Activity | None = None,
+) -> None:
     """Run the data path for an established connection, with metrics and one log line at the end."""
+    if activity is not None:
+        activity.active += 1
     channel = ctx.channel_label(peer, name)
     counter = ctx.metrics.bytes
     tx = Meter(counter.labels(peer, channel, "tx").inc)
@@ -107,6 +132,9 @@ async def _pump(ctx: RelayContext, peer: str, name: str, local: Conn, remote: Co
         log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)
     finally:
         active.dec()
+        if activity is not None:
+            activity.active -= 1
+            activity.touch()
 
 
 # --- outbound: source side ----------------------------------------------------------
@@ -158,6 +186,7 @@ async def accept_outbound_loop(
     peer: PeerConfig,
     name: str,
     streams: trio.Nursery,
+    activity: Activity | None = None,
 ) -> None:
     """Accept clients on `<socket_dir>/<peer>/<name>` and forward each to the peer.
 
@@ -167,6 +196,8 @@ async def accept_outbound_loop(
     """
     while True:
         client = await net.accept(listener)
+        if activity is not None:
+            activity.touch()
         stream_id = ctx.next_stream_id()
         stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
         try:
@@ -185,7 +216,7 @@ async def accept_outbound_loop(
             continue
         ctx.count(peer.name, name, "ok")
         log.info("%s: open", stream)
-        streams.start_soon(_pump, ctx, peer.name, name, PlainConn(client), remote, stream)
+        streams.start_soon(_pump, ctx, peer.name, name, PlainConn(client), remote, stream, activity)
 
 
 # --- inbound: destination side -------------------------------------------------------

@@ -6,6 +6,7 @@ a silent success on bad input costs them an outage.
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -73,3 +74,24 @@ def test_pki_commands(tmp_path: Path) -> None:
     one_line_error(migrelay("pki", "init", str(tmp_path)), "already holds a CA")
     one_line_error(migrelay("pki", "issue", str(tmp_path), "bad name"), "must be a DNS name")
     one_line_error(migrelay("pki", "issue", str(tmp_path), "x", "--ip", "nope"), "--ip")
+
+
+def test_session_and_status_commands(tmp_path: Path) -> None:
+    p = make_pki(tmp_path)
+    pair_configs(tmp_path, p, "tls")
+    conf = str(tmp_path / "hvA.toml")
+    with serve(tmp_path / "hvA.toml", tmp_path / "hvB.toml"):
+        opened = migrelay("session", "open", "hvB", "--config", conf)
+        assert opened.returncode == 0, opened.stderr
+        session = json.loads(opened.stdout)
+        assert session["migrateuri"] == f"unix://{tmp_path}/hvA/hvB/{session['id']}-migration.sock"
+        assert Path(session["disks_uri"].removeprefix("unix://")).is_socket()
+        listed = json.loads(migrelay("session", "list", "--control", str(tmp_path / "hvA/control.sock")).stdout)
+        assert [s["id"] for s in listed] == [session["id"]]
+        status = migrelay("status", "--config", conf)
+        assert status.returncode == 0
+        assert "relay hvA" in status.stdout and f"session {session['id']} to hvB" in status.stdout
+        assert migrelay("session", "close", session["id"], "--config", conf).returncode == 0
+        one_line_error(migrelay("session", "open", "hvX", "--config", conf), "unknown peer 'hvX'")
+        one_line_error(migrelay("session", "close", "feed", "--config", conf), "no session 'feed'")
+    one_line_error(migrelay("status", "--config", conf), "is migrelay serve running?")

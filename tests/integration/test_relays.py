@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -49,6 +49,13 @@ def counted(relay: Relay, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait until check() holds, e.g. for a meter flushed when a stream closes."""
+    with trio.fail_after(timeout_s):
+        while not check():  # noqa: ASYNC110  (the condition is a counter or a file, not an event)
+            await trio.sleep(0.01)
 
 
 async def echo_server(listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
@@ -120,9 +127,9 @@ async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: str) -
             n.start_soon(near_end)
         assert results["b_got"] == (size, results["a_sent"])
         assert results["a_got"] == (size, results["b_sent"])
-        await trio.sleep(0.1)  # let both relays flush their meters after the close
         for relay, out, peer in ((ra, "tx", "hvB"), (rb, "rx", "hvA")):
-            assert counted(relay, "migrelay_bytes_total", peer=peer, channel="migration", direction=out) == size
+            labels = {"peer": peer, "channel": "migration", "direction": out}
+            await eventually(lambda: counted(relay, "migrelay_bytes_total", **labels) == size)  # noqa: B023
         assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="ok") == 1
         assert counted(rb, "migrelay_connections_total", peer="hvA", channel="migration", result="ok") == 1
 
@@ -432,14 +439,11 @@ async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
         servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
         sock = await connect(tmp_path / "hvA/hvB/migration.sock")
         await sock.send(b"before the stop, ")
-        with trio.fail_after(5):  # established end to end (not just queued in A's backlog)
-            while counted(rb, "migrelay_active_streams") < 1:
-                await trio.sleep(0.01)
+        # established end to end (not just queued in A's backlog)
+        await eventually(lambda: counted(rb, "migrelay_active_streams") == 1)
         ra.stop()
         rb.stop()
-        with trio.fail_after(5):
-            while (tmp_path / "hvA/hvB/migration.sock").exists():
-                await trio.sleep(0.01)
+        await eventually(lambda: not (tmp_path / "hvA/hvB/migration.sock").exists())
         await sock.send(b"after the stop")
         sock.shutdown(socket.SHUT_WR)
         assert (await sock.recv(100)).decode() == hashlib.sha256(b"before the stop, after the stop").hexdigest()

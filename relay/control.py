@@ -1,0 +1,266 @@
+"""The control socket: sessions and status, for `migrelay session|status|migrate`.
+
+A session is a fresh set of overlay listeners for one migration to one peer,
+`<socket_dir>/<peer>/<id>-migration.sock` and `<id>-nbd.sock`, so that concurrent
+migrations to the same peer get distinct destination paths (two destination QEMUs
+cannot listen on one path). It ends when closed, or after `session_idle_s` without a
+stream; streams already running keep going either way.
+
+Wire format: one JSON object per line. Request `{"op": "open", "peer": "hv2"}`;
+answer `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. Only root
+(or the daemon's own user) may connect: the socket is 0600 and peers are checked
+with SO_PEERCRED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from relay import net
+from relay.errors import LocalError
+from relay.overlay import LIBVIRT_CHANNEL, peer_dir
+from relay.session import Activity, RelayContext, accept_outbound_loop
+
+log = logging.getLogger("migrelay.control")
+
+SESSION_CHANNELS: Final = ("migration.sock", "nbd.sock")
+CONTROL_MODE: Final = 0o600
+MAX_REQUEST_BYTES: Final = 64 * 1024
+REQUEST_TIMEOUT_S: Final = 5.0
+_UCRED: Final = struct.Struct("3i")  # pid, uid, gid
+
+
+class ControlError(LocalError):
+    """A control request that cannot be done (unknown peer, unknown session, bad request)."""
+
+
+@dataclass
+class OverlaySession:
+    id: str
+    peer: str
+    sockets: dict[str, Path]  # channel -> overlay path
+    libvirt: Path | None
+    activity: Activity
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    created: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        """What a user needs for virsh / migrateToURI3, as JSON."""
+        out: dict[str, Any] = {"id": self.id, "peer": self.peer}
+        if self.libvirt is not None:
+            out["desturi"] = f"qemu+unix:///system?socket={self.libvirt}"
+        if "migration.sock" in self.sockets:
+            out["migrateuri"] = f"unix://{self.sockets['migration.sock']}"
+        if "nbd.sock" in self.sockets:
+            out["disks_uri"] = f"unix://{self.sockets['nbd.sock']}"
+        out["sockets"] = [str(p) for p in self.sockets.values()]
+        out["active_streams"] = self.activity.active
+        out["idle_s"] = round(self.activity.idle_for(), 1)
+        return out
+
+
+class Control:
+    """Owns the sessions of one relay; served over the control socket."""
+
+    def __init__(self, ctx: RelayContext, streams: trio.Nursery, started: float | None = None) -> None:
+        self.ctx = ctx
+        self.streams = streams
+        self.sessions: dict[str, OverlaySession] = {}
+        self.started = started if started is not None else time.time()
+        self._nursery: trio.Nursery | None = None
+
+    # --- operations -----------------------------------------------------------------
+
+    async def open(self, peer_name: str) -> OverlaySession:
+        cfg = self.ctx.config
+        peer = cfg.peers.get(peer_name)
+        if peer is None:
+            known = ", ".join(sorted(cfg.peers)) or "none"
+            raise ControlError(f"unknown peer {peer_name!r} (configured: {known})")
+        if peer.address is None:
+            raise ControlError(f"peer {peer_name} has no address: this relay cannot dial it")
+        channels = [c for c in SESSION_CHANNELS if c in peer.channels]
+        if not channels:
+            raise ControlError(f"peer {peer_name} allows neither migration.sock nor nbd.sock")
+        assert self._nursery is not None, "Control.serve() must be running"
+        session_id = secrets.token_hex(4)
+        folder = peer_dir(cfg.socket_dir, peer.name)
+        listeners: list[tuple[trio.socket.SocketType, str]] = []
+        sockets: dict[str, Path] = {}
+        try:
+            for channel in channels:
+                name = f"{session_id}-{channel}"
+                listeners.append((await net.listen_unix(folder / name, cfg.socket_mode), name))
+                sockets[channel] = folder / name
+        except BaseException:
+            for sock, _ in listeners:
+                sock.close()
+            for path in sockets.values():
+                path.unlink(missing_ok=True)
+            raise
+        libvirt = folder / LIBVIRT_CHANNEL if LIBVIRT_CHANNEL in peer.channels else None
+        session = OverlaySession(session_id, peer.name, sockets, libvirt, Activity())
+        self.sessions[session_id] = session
+        self._nursery.start_soon(self._run_session, session, listeners)
+        log.info("session %s to %s opened: %s", session_id, peer.name, ", ".join(map(str, sockets.values())))
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ControlError(f"no session {session_id!r}")
+        session.scope.cancel()
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.ctx.config
+        totals: dict[str, dict[str, float]] = {}
+        for family in self.ctx.metrics.registry.collect():
+            for sample in family.samples:
+                peer = sample.labels.get("peer")
+                if peer is None:
+                    continue
+                entry = totals.setdefault(peer, {})
+                if sample.name == "migrelay_bytes_total":
+                    key = f"bytes_{sample.labels['direction']}"
+                elif sample.name == "migrelay_connections_total":
+                    key = f"connections_{sample.labels['result']}"
+                elif sample.name == "migrelay_active_streams":
+                    key = "active_streams"
+                else:
+                    continue
+                entry[key] = entry.get(key, 0) + sample.value
+        return {
+            "relay": cfg.name,
+            "uptime_s": round(time.time() - self.started, 1),
+            "socket_dir": str(cfg.socket_dir),
+            "listen": [str(a) for a in cfg.listen],
+            "peers": {
+                p.name: {
+                    "address": str(p.address) if p.address else None,
+                    "channels": list(p.channels),
+                    **{k: int(v) for k, v in totals.get(p.name, {}).items()},
+                }
+                for p in cfg.peers.values()
+            },
+            "sessions": [s.describe() for s in self.sessions.values()],
+        }
+
+    # --- tasks ----------------------------------------------------------------------
+
+    async def _run_session(self, session: OverlaySession, listeners: list[tuple[trio.socket.SocketType, str]]) -> None:
+        peer = self.ctx.config.peers[session.peer]
+        try:
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    for sock, name in listeners:
+                        nursery.start_soon(
+                            accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
+                        )
+                    await self._expire_when_idle(session)
+                    log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
+                             self.ctx.config.session_idle_s)  # fmt: skip
+                    nursery.cancel_scope.cancel()
+        finally:
+            for sock, _ in listeners:
+                sock.close()
+            for path in session.sockets.values():
+                path.unlink(missing_ok=True)
+            del self.sessions[session.id]
+            log.info("session %s to %s closed", session.id, session.peer)
+
+    async def _expire_when_idle(self, session: OverlaySession) -> None:
+        limit = self.ctx.config.session_idle_s
+        # Not a poll: each sleep lasts until the earliest moment the session could be idle enough.
+        while (idle := session.activity.idle_for()) < limit:  # noqa: ASYNC110
+            await trio.sleep(limit - idle if idle else limit)
+
+    async def serve(self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on the control socket; also the home of every session's tasks."""
+        listener = await net.listen_unix(path, CONTROL_MODE)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    sock = await net.accept(listener)
+                    nursery.start_soon(self._answer, sock)
+        finally:
+            listener.close()
+            path.unlink(missing_ok=True)  # noqa: ASYNC240  (a local socket file: no I/O worth a thread)
+
+    async def _answer(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            if uid not in (0, os.geteuid()):
+                log.warning("control: refused pid %d uid %d (root only)", pid, uid)
+                return
+            data = b""
+            with trio.move_on_after(REQUEST_TIMEOUT_S):
+                while b"\n" not in data and len(data) < MAX_REQUEST_BYTES:
+                    chunk = await sock.recv(MAX_REQUEST_BYTES)
+                    if not chunk:
+                        break
+                    data += chunk
+            try:
+                answer = {"ok": True, "result": await self._dispatch(data)}
+            except ControlError as e:
+                answer = {"ok": False, "error": str(e)}
+            payload = json.dumps(answer).encode() + b"\n"
+            try:
+                while payload:
+                    payload = payload[await sock.send(payload) :]
+            except OSError as e:
+                log.info("control client left before the answer: %s", e.strerror)
+
+    async def _dispatch(self, data: bytes) -> Any:
+        try:
+            request = json.loads(data.split(b"\n", 1)[0])
+        except ValueError:
+            raise ControlError("request is not one line of JSON") from None
+        if not isinstance(request, dict):
+            raise ControlError("request must be a JSON object")
+        op = request.get("op")
+        if op == "open":
+            return (await self.open(str(request.get("peer", "")))).describe()
+        if op == "close":
+            self.close(str(request.get("id", "")))
+            return {"closed": request["id"]}
+        if op == "list":
+            return [s.describe() for s in self.sessions.values()]
+        if op == "status":
+            return self.status()
+        raise ControlError(f"unknown op {op!r} (open, close, list, status)")
+
+
+def request(path: Path, op: str, timeout_s: float = 10.0, **args: str) -> Any:
+    """Send one control request (blocking; for the CLI) and return its result or raise ControlError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(path))
+        except OSError as e:
+            raise ControlError(
+                f"cannot reach the relay's control socket {path}: {e.strerror} (is migrelay serve running?)"
+            ) from None
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise ControlError(f"the relay sent an unreadable answer: {data[:100]!r}") from None
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error")))
+    return answer["result"]
