@@ -8,56 +8,29 @@ random bytes (no zero pages, every page distinct), so every byte must cross the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 from pathlib import Path
 
-import pytest
-
-from tests.e2e.procs import Qemu, need, serve
-from tests.support import add_metrics, make_pki, pair_configs, scrape
-
-RAM_MIB = 64
+from tests.e2e.conftest import Hosts
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, sha256
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@pytest.mark.parametrize("transport", ["tls", "unix"])
-def test_qemu_ram_migration_through_relays(tmp_path: Path, transport: str) -> None:
+def test_qemu_ram_migration_through_relays(hosts: Hosts, ram_dir: Path) -> None:
     need("qemu-system-x86_64")
-    p = make_pki(tmp_path)
-    pair_configs(tmp_path, p, transport)
-    port_a = add_metrics(tmp_path / "hvA.toml")
-    src = Qemu("src", tmp_path, RAM_MIB)
-    dst = Qemu("dst", tmp_path, RAM_MIB, incoming=True)
-    src.ram_file.write_bytes(os.urandom(RAM_MIB << 20))
-    with dst.ram_file.open("wb") as f:
-        f.truncate(RAM_MIB << 20)
+    src, dst = Qemu("src", hosts.root, ram_dir), Qemu("dst", hosts.root, ram_dir, incoming=True)
+    src.fill_ram()
+    dst.blank_ram()
 
-    async def migrate() -> dict[str, object]:
+    async def migrate() -> None:
         await src.start()
         await dst.start()
         try:
-            await dst.cmd("migrate-incoming", uri=f"unix:{tmp_path}/hvB/hvB/migration.sock")
-            await src.cmd("migrate", uri=f"unix:{tmp_path}/hvA/hvB/migration.sock")
-            info = await dst.wait_migration({"completed"})
-            await src.wait_migration({"completed"})
-            return info
+            await src.parameters(max_bandwidth=UNCAPPED_BYTES_PER_S)
+            info = await precopy(src, dst, hosts.source("migration.sock"), hosts.destination("migration.sock"))
+            assert info["status"] == "completed"
         finally:
             await src.stop()
             await dst.stop()
 
-    with serve(tmp_path / "hvA.toml", tmp_path / "hvB.toml"):
-        info = asyncio.run(migrate())
-        connections = scrape(port_a)[
-            ("migrelay_connections_total", frozenset({"peer": "hvB", "channel": "migration", "result": "ok"}.items()))
-        ]
-    assert info["status"] == "completed"
+    asyncio.run(migrate())
     assert sha256(dst.ram_file) == sha256(src.ram_file)
-    assert connections == 1
+    assert hosts.connections("migration") == 1
