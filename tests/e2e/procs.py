@@ -170,17 +170,20 @@ class Qemu:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        if self.qmp is not None:
-            with contextlib.suppress(Exception):
-                await self.qmp.execute("quit")
-            with contextlib.suppress(Exception):
-                await self.qmp.disconnect()
-        if self.proc is not None:
+        """SIGTERM (QEMU shuts down cleanly on it), SIGKILL if that is not enough, then drop QMP.
+
+        Not QMP `quit`: a VM whose migration just failed may never answer it.
+        """
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.disconnect(), 5)
 
 
 def sha256(path: Path) -> str:

@@ -1,0 +1,58 @@
+"""Two migrations to the same peer at once, each in its own session (`migrelay session open`).
+
+Why it matters: two destination QEMUs cannot listen on one path, so concurrent migrations
+need distinct names; a session gives each its own `<id>-migration.sock` on both hosts, and
+the two streams must not leak into each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.conftest import Hosts
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, sha256
+
+
+def open_session(hosts: Hosts) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "session", "open", "hvB", "--config", str(hosts.root / "hvA.toml")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    session: dict[str, str] = json.loads(out.stdout)
+    return session
+
+
+def test_qemu_concurrent_migrations_with_sessions(hosts: Hosts, ram_dir: Path) -> None:
+    need("qemu-system-x86_64")
+    sessions = [open_session(hosts), open_session(hosts)]
+    pairs = [
+        (Qemu(f"src{i}", hosts.root, ram_dir), Qemu(f"dst{i}", hosts.root, ram_dir, incoming=True)) for i in range(2)
+    ]
+    for src, dst in pairs:
+        src.fill_ram()
+        dst.blank_ram()
+
+    async def one(src: Qemu, dst: Qemu, session: dict[str, str]) -> None:
+        await src.start()
+        await dst.start()
+        try:
+            await src.parameters(max_bandwidth=UNCAPPED_BYTES_PER_S)
+            source = Path(session["migrateuri"].removeprefix("unix://"))
+            # libvirt hands the destination the same URI; the overlay maps it to hvB's own folder
+            destination = hosts.destination(source.name)
+            await precopy(src, dst, source, destination)
+        finally:
+            await src.stop()
+            await dst.stop()
+
+    async def both() -> None:
+        await asyncio.gather(*(one(src, dst, s) for (src, dst), s in zip(pairs, sessions, strict=True)))
+
+    asyncio.run(both())
+    for src, dst in pairs:
+        assert sha256(dst.ram_file) == sha256(src.ram_file)
+    assert hosts.connections("migration") == 2
