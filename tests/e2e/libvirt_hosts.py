@@ -1,0 +1,193 @@
+"""Two libvirt "hosts" on one machine: each a libvirtd plus a migrelay in its own mount/UTS namespace.
+
+Every host gets private copies of /etc/libvirt, /var/lib/libvirt, /var/log/libvirt,
+/var/cache/libvirt and /run (bind-mounted from folders under its root), its own hostname
+and host UUID; its overlay folder is bind-mounted at /run/migrelay, the same path on
+every host, which is exactly what the socket overlay is for. The network namespace is
+shared, so the two relays talk TLS over loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOCKET_DIR = "/run/migrelay"
+LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
+START_TIMEOUT_S = 30.0
+
+QEMU_CONF = """
+stdio_handler = "file"
+user = "root"
+group = "root"
+cgroup_controllers = [ ]
+security_driver = "none"
+namespaces = [ ]
+remember_owner = 0
+"""
+
+# Mounts are private to the namespace; `exec` makes libvirtd the namespace's anchor process.
+BOOT = """
+set -e
+root="$1"; name="$2"
+mount --bind "$root/run" /run
+mkdir -p /run/libvirt /run/migrelay
+mount --bind "$root/overlay" /run/migrelay
+for d in etc/libvirt var/lib/libvirt var/log/libvirt var/cache/libvirt; do
+    mount --bind "$root/$d" "/$d"
+done
+hostname "$name"
+echo $$ > "$root/anchor.pid"
+exec libvirtd
+"""
+
+
+@dataclass
+class LibvirtHost:
+    name: str
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+    relay: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    def path(self, inside: str) -> Path:
+        """Where a path inside this host's namespace lives on the real filesystem."""
+        for prefix, folder in (
+            (SOCKET_DIR, "overlay"), ("/run", "run"), ("/etc/libvirt", "etc/libvirt"),
+            ("/var/lib/libvirt", "var/lib/libvirt"), ("/var/log/libvirt", "var/log/libvirt"),
+        ):  # fmt: skip
+            if inside == prefix or inside.startswith(prefix + "/"):
+                return self.root / folder / inside[len(prefix) :].lstrip("/")
+        return Path(inside)
+
+    def prepare(self) -> None:
+        for d in ("run", "overlay", "var/lib/libvirt/images", "var/log/libvirt/qemu", "var/cache/libvirt"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        shutil.copytree("/etc/libvirt", self.root / "etc/libvirt", dirs_exist_ok=True)
+        (self.root / "etc/libvirt/qemu.conf").write_text(QEMU_CONF)
+        (self.root / "etc/libvirt/libvirtd.conf").write_text(
+            f'host_uuid = "{uuid.uuid4()}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
+            'log_outputs = "3:stderr"\n'
+        )
+        # no autostarted networks or leftover domains from the real host
+        for d in ("qemu/networks/autostart", "qemu/autostart"):
+            shutil.rmtree(self.root / "etc/libvirt" / d, ignore_errors=True)
+        for xml in (self.root / "etc/libvirt/qemu").glob("*.xml"):
+            xml.unlink()
+
+    def start(self) -> None:
+        self.prepare()
+        log = self.root / "libvirtd.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--uts", "--propagation", "private", "--fork",
+             "bash", "-c", BOOT, "boot", str(self.root), self.name],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.path(LIBVIRT_SOCK).is_socket():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"libvirtd {self.name} did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.pid = int((self.root / "anchor.pid").read_text())
+
+    def inside(self, *cmd: str) -> list[str]:
+        return ["nsenter", "--target", str(self.pid), "--mount", "--uts", *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(self.inside(*cmd), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.name}: {' '.join(cmd)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return self.run("virsh", "-q", "-c", "qemu:///system", *args, check=check, timeout=timeout)
+
+    def start_relay(self, config: Path) -> None:
+        log = self.root / "relay.log"
+        self.logs.append(log)
+        self.relay = subprocess.Popen(
+            self.inside(sys.executable, "-m", "relay", "serve", "--config", str(config)),
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.path(f"{SOCKET_DIR}/control.sock").is_socket():
+            if self.relay.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"relay {self.name} did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.pid:
+            # domains first: a QEMU left running would keep the namespace (and its mounts) alive
+            for dom in self.virsh("list", "--name", check=False).stdout.split():
+                self.virsh("destroy", dom, check=False)
+        for proc in (self.relay, self.proc):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)  # libvirtd may linger on SIGTERM; its domains are gone already
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.pid:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return
+            os.kill(self.pid, 9)
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs if p.exists())
+
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {disk}
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+DISK_XML = """<disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='/var/lib/libvirt/images/{name}.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"""
+
+
+def domain_xml(name: str, memory_mib: int = 96, disk: bool = False) -> str:
+    return DOMAIN_XML.format(name=name, memory_mib=memory_mib, disk=DISK_XML.format(name=name) if disk else "")
+
+
+def overlay_uris(peer: str, migration: str = "migration.sock", nbd: str = "nbd.sock") -> list[str]:
+    """The three URIs of the seed's UNIX-socket migration, through the overlay."""
+    return [
+        "--desturi", f"qemu+unix:///system?socket={SOCKET_DIR}/{peer}/libvirt.sock",
+        "--migrateuri", f"unix://{SOCKET_DIR}/{peer}/{migration}",
+        "--disks-uri", f"unix://{SOCKET_DIR}/{peer}/{nbd}",
+    ]  # fmt: skip
+
+
+def relay_config(root: Path, name: str, peer: str, pki_dir: Path, port: int, peer_port: int, metrics: int) -> Path:
+    path = root / f"{name}-relay.toml"
+    path.write_text(
+        f'[relay]\nname = "{name}"\nsocket_dir = "{SOCKET_DIR}"\nlisten = ["127.0.0.1:{port}"]\n'
+        f'libvirt = "{LIBVIRT_SOCK}"\n\n'
+        f'[tls]\nca = "{pki_dir}/ca.pem"\ncert = "{pki_dir}/{name}.pem"\nkey = "{pki_dir}/{name}-key.pem"\n\n'
+        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
+        f'[peers.{peer}]\naddress = "127.0.0.1:{peer_port}"\n'
+    )
+    return path
