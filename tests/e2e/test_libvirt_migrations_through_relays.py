@@ -188,7 +188,7 @@ def test_tunnelled_migration(cluster: Cluster) -> None:
     before = (cluster.connections("libvirt"), cluster.connections("migration"))
     try:
         migrate(cluster, "--live", "--p2p", "--tunnelled", name,
-                f"qemu+unix:///system?socket=/run/migrelay/hvB/libvirt.sock")  # fmt: skip
+                "qemu+unix:///system?socket=/run/migrelay/hvB/libvirt.sock")  # fmt: skip
         assert state(cluster.b, name) == "running"
         assert cluster.connections("libvirt") > before[0] and cluster.connections("migration") == before[1]
     finally:
