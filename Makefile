@@ -4,20 +4,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_SIZE ?= 4G
-# what the tests run for real: QEMU (e2e migrations), socat/stunnel (bench baselines), systemd-socket-activate
-DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils socat stunnel4 systemd iproute2
+# what the tests run for real: QEMU (e2e migrations), libvirt (two daemons; libvirt-dev + pkg-config
+# build libvirt-python), socat/stunnel (bench baselines), systemd-socket-activate
+DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
+	socat stunnel4 systemd iproute2 util-linux
 
 .PHONY: demo test venv deps lint unit integration e2e clean
 
-$(VENV)/.installed: pyproject.toml
+# two stages: the demo needs only the package, the tests also build libvirt-python
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(MAKE) --no-print-directory deps
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.test
 
-demo: venv
+demo: $(VENV)/.base
 	$(PY) -m relay demo --size $(DEMO_SIZE)
 
 deps:

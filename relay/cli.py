@@ -15,9 +15,9 @@ from pathlib import Path
 import trio
 
 from relay import __version__, config, control, pki
-from relay.errors import LocalError
+from relay.errors import LocalError, MigrationInterrupted, RemoteError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONTROL = Path(config.DEFAULT_SOCKET_DIR) / config.CONTROL_SOCKET_NAME
 
 
@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="peers, traffic and sessions of the running relay")
     st.add_argument("--json", action="store_true")
     control_options(st)
+
+    m = sub.add_parser("migrate", help="live-migrate a libvirt domain to PEER through a fresh relay session")
+    m.add_argument("domain")
+    m.add_argument("peer")
+    m.add_argument("--connect", default="qemu:///system", help="local libvirt URI (default qemu:///system)")
+    m.add_argument("--copy-storage-all", action="store_true", help="copy all non-shared disks (NBD)")
+    m.add_argument("--copy-storage-inc", action="store_true", help="copy disks incrementally (shared backing)")
+    m.add_argument("--migrate-disks", default="", help="comma-separated target devs to copy (e.g. vda,vdb)")
+    m.add_argument("--parallel", type=int, metavar="N", help="multifd with N connections")
+    m.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass over RAM")
+    m.add_argument("--persistent", action="store_true", help="define the domain on the destination")
+    m.add_argument("--undefinesource", action="store_true", help="undefine it on the source afterwards")
+    m.add_argument("--offline", action="store_true", help="move only the definition of a stopped domain")
+    m.add_argument("--bandwidth", type=int, metavar="MiB/s", help="cap the migration bandwidth")
+    m.add_argument("--tls", action="store_true", help="QEMU's own TLS inside the relay's (needs QEMU TLS setup)")
+    control_options(m)
 
     d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
     d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
@@ -161,12 +177,37 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from relay.libvirt_helper import MigrateOptions, migrate
+
+    options = MigrateOptions(
+        copy_storage_all=args.copy_storage_all,
+        copy_storage_inc=args.copy_storage_inc,
+        migrate_disks=tuple(d for d in args.migrate_disks.split(",") if d),
+        parallel=args.parallel,
+        postcopy=args.postcopy,
+        persistent=args.persistent,
+        undefinesource=args.undefinesource,
+        offline=args.offline,
+        bandwidth_mib_s=args.bandwidth,
+        tls=args.tls,
+    )
+
+    def announce(session: dict[str, str]) -> None:
+        print(f"session {session['id']}: {session.get('migrateuri', '')}", file=sys.stderr)
+
+    summary = migrate(args.domain, args.peer, _control_path(args), options, local_uri=args.connect, on_session=announce)
+    print(f"{args.domain} -> {args.peer}: {summary}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "serve": _serve,
     "check": _check,
     "pki": _pki,
     "session": _session,
     "status": _status,
+    "migrate": _migrate,
     "demo": _demo,
 }
 
@@ -181,5 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LocalError as e:
         print(f"migrelay {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RemoteError as e:
+        print(f"migrelay {args.command}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(e, MigrationInterrupted) else EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

@@ -65,5 +65,9 @@ class Refused(RemoteError):
         self.reason = reason
 
 
+class MigrationInterrupted(RemoteError):
+    """The user interrupted a migration; it was aborted and the guest stays where it was."""
+
+
 class PeerUnavailable(RemoteError):
     """The peer relay could not be reached or failed its TLS handshake."""

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from relay import pki
+from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, relay_config
 from tests.e2e.procs import ServeProcess, serve
-from tests.support import add_metrics, make_pki, pair_configs, scrape
+from tests.support import add_metrics, free_port, make_pki, pair_configs, scrape
 
 
 @dataclass
@@ -56,3 +58,29 @@ def ram_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="migrelay-ram-", dir="/dev/shm"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    for tool in ("libvirtd", "virsh", "qemu-system-x86_64", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"not installed: {tool} (make test installs libvirt-daemon-system from Debian)")
+    root = tmp_path_factory.mktemp("libvirt")
+    pki_dir = root / "pki"
+    pki.init_ca(pki_dir)
+    for name in ("hvA", "hvB"):
+        pki.issue(pki_dir, name)
+    port_a, port_b, metrics_a, metrics_b = free_port(), free_port(), free_port(), free_port()
+    a, b = LibvirtHost("hvA", root / "hvA"), LibvirtHost("hvB", root / "hvB")
+    try:
+        a.start()
+        b.start()
+        a.start_relay(relay_config(root, "hvA", "hvB", pki_dir, port_a, port_b, metrics_a))
+        b.start_relay(relay_config(root, "hvB", "hvA", pki_dir, port_b, port_a, metrics_b))
+        yield Cluster(a, b, root, metrics_a)
+    except BaseException:
+        print(a.dump_logs(), b.dump_logs())
+        raise
+    finally:
+        a.stop()
+        b.stop()

@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import scrape
+
 SOCKET_DIR = "/run/migrelay"
 LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
 START_TIMEOUT_S = 30.0
@@ -191,3 +193,62 @@ def relay_config(root: Path, name: str, peer: str, pki_dir: Path, port: int, pee
         f'[peers.{peer}]\naddress = "127.0.0.1:{peer_port}"\n'
     )
     return path
+
+
+DISK_MIB = 64
+
+
+@dataclass
+class Cluster:
+    a: LibvirtHost
+    b: LibvirtHost
+    root: Path
+    metrics_a: int
+
+    def connections(self, channel: str) -> float:
+        labels = frozenset({"peer": "hvB", "channel": channel, "result": "ok"}.items())
+        return scrape(self.metrics_a).get(("migrelay_connections_total", labels), 0.0)
+
+    def define_disk(self, host: LibvirtHost, name: str, fill: bool) -> Path:
+        image = host.path(f"/var/lib/libvirt/images/{name}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), f"{DISK_MIB}M"], check=True)
+        if fill:  # data the copy must carry: 16 MiB of a pattern, in several places
+            for offset in (0, 20, 40):
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x{offset + 17:x} {offset}M 5M", str(image)],
+                               check=True, capture_output=True)  # fmt: skip
+        return image
+
+
+def start_transient(c: Cluster, name: str, disk: bool = False) -> None:
+    xml = c.root / f"{name}.xml"
+    xml.write_text(domain_xml(name, disk=disk))
+    c.a.virsh("create", str(xml))
+
+
+def state(host: LibvirtHost, name: str) -> str:
+    result = host.virsh("domstate", name, check=False)
+    return result.stdout.strip() if result.returncode == 0 else "absent"
+
+
+def persistent(host: LibvirtHost, name: str) -> bool:
+    return "Persistent:     yes" in host.virsh("dominfo", name).stdout
+
+
+def migrate(c: Cluster, *args: str, timeout: float = 240) -> None:
+    result = c.a.virsh("migrate", *args, check=False, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"virsh migrate failed: {result.stderr}\n{c.a.dump_logs()}\n{c.b.dump_logs()}")
+
+
+def disks_identical(c: Cluster, name: str) -> None:
+    src = c.a.path(f"/var/lib/libvirt/images/{name}.qcow2")
+    dst = c.b.path(f"/var/lib/libvirt/images/{name}.qcow2")
+    # -U: both images are still open by running (or paused) guests
+    compare = subprocess.run(["qemu-img", "compare", "-U", str(src), str(dst)], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def cleanup(c: Cluster, name: str) -> None:
+    for host in (c.a, c.b):
+        host.virsh("destroy", name, check=False)
+        host.virsh("undefine", name, check=False)

@@ -11,102 +11,22 @@ configuration-file table (--persistent / --undefinesource).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from relay import pki
-from tests.e2e.libvirt_hosts import LibvirtHost, domain_xml, overlay_uris, relay_config
-from tests.support import free_port, scrape
-
-DISK_MIB = 64
-
-
-@dataclass
-class Cluster:
-    a: LibvirtHost
-    b: LibvirtHost
-    root: Path
-    metrics_a: int
-
-    def connections(self, channel: str) -> float:
-        labels = frozenset({"peer": "hvB", "channel": channel, "result": "ok"}.items())
-        return scrape(self.metrics_a).get(("migrelay_connections_total", labels), 0.0)
-
-    def define_disk(self, host: LibvirtHost, name: str, fill: bool) -> Path:
-        image = host.path(f"/var/lib/libvirt/images/{name}.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), f"{DISK_MIB}M"], check=True)
-        if fill:  # data the copy must carry: 16 MiB of a pattern, in several places
-            for offset in (0, 20, 40):
-                subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x{offset + 17:x} {offset}M 5M", str(image)],
-                               check=True, capture_output=True)  # fmt: skip
-        return image
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    for tool in ("libvirtd", "virsh", "qemu-system-x86_64", "nsenter", "unshare"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"not installed: {tool} (make test installs libvirt-daemon-system from Debian)")
-    root = tmp_path_factory.mktemp("libvirt")
-    pki_dir = root / "pki"
-    pki.init_ca(pki_dir)
-    for name in ("hvA", "hvB"):
-        pki.issue(pki_dir, name)
-    port_a, port_b, metrics_a, metrics_b = free_port(), free_port(), free_port(), free_port()
-    a, b = LibvirtHost("hvA", root / "hvA"), LibvirtHost("hvB", root / "hvB")
-    try:
-        a.start()
-        b.start()
-        a.start_relay(relay_config(root, "hvA", "hvB", pki_dir, port_a, port_b, metrics_a))
-        b.start_relay(relay_config(root, "hvB", "hvA", pki_dir, port_b, port_a, metrics_b))
-        yield Cluster(a, b, root, metrics_a)
-    except BaseException:
-        print(a.dump_logs(), b.dump_logs())
-        raise
-    finally:
-        a.stop()
-        b.stop()
-
-
-def start_transient(c: Cluster, name: str, disk: bool = False) -> None:
-    xml = c.root / f"{name}.xml"
-    xml.write_text(domain_xml(name, disk=disk))
-    c.a.virsh("create", str(xml))
-
-
-def state(host: LibvirtHost, name: str) -> str:
-    result = host.virsh("domstate", name, check=False)
-    return result.stdout.strip() if result.returncode == 0 else "absent"
-
-
-def persistent(host: LibvirtHost, name: str) -> bool:
-    return "Persistent:     yes" in host.virsh("dominfo", name).stdout
-
-
-def migrate(c: Cluster, *args: str, timeout: float = 240) -> None:
-    result = c.a.virsh("migrate", *args, check=False, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"virsh migrate failed: {result.stderr}\n{c.a.dump_logs()}\n{c.b.dump_logs()}")
-
-
-def disks_identical(c: Cluster, name: str) -> None:
-    src = c.a.path(f"/var/lib/libvirt/images/{name}.qcow2")
-    dst = c.b.path(f"/var/lib/libvirt/images/{name}.qcow2")
-    # -U: both images are still open by running (or paused) guests
-    compare = subprocess.run(["qemu-img", "compare", "-U", str(src), str(dst)], capture_output=True, text=True)
-    assert compare.returncode == 0, compare.stdout + compare.stderr
-
-
-def cleanup(c: Cluster, name: str) -> None:
-    for host in (c.a, c.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
+from tests.e2e.libvirt_hosts import (
+    Cluster,
+    cleanup,
+    disks_identical,
+    domain_xml,
+    migrate,
+    overlay_uris,
+    persistent,
+    start_transient,
+    state,
+)
 
 
 @pytest.mark.parametrize("p2p", [True, False], ids=["p2p", "direct"])
