@@ -66,6 +66,7 @@ class OverlaySession:
             out["disks_uri"] = f"unix://{self.sockets['nbd.sock']}"
         out["sockets"] = [str(p) for p in self.sockets.values()]
         out["active_streams"] = self.activity.active
+        out["bytes"] = self.activity.bytes
         out["idle_s"] = round(self.activity.idle_for(), 1)
         return out
 

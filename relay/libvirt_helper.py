@@ -43,10 +43,13 @@ class MigrateOptions:
     tls: bool = False
 
 
+SESSION_SETTLE_S: Final = 5.0  # after the job, for the session's last streams to close
+
+
 @dataclass
 class Summary:
     seconds: float
-    bytes: int
+    bytes: int  # what crossed the relay for this migration, both directions, all channels
     downtime_ms: int | None
 
     @property
@@ -56,8 +59,8 @@ class Summary:
     def __str__(self) -> str:
         downtime = f"{self.downtime_ms} ms" if self.downtime_ms is not None else "n/a"
         return (
-            f"migrated in {self.seconds:.1f} s: {self.bytes / MIB:.1f} MiB at {self.mb_per_s:.1f} MB/s, "
-            f"downtime {downtime}"
+            f"migrated in {self.seconds:.1f} s: {self.bytes / MIB:.1f} MiB through the relay at "
+            f"{self.mb_per_s:.1f} MB/s, downtime {downtime}"
         )
 
 
@@ -66,6 +69,8 @@ def _libvirt() -> Any:
         import libvirt
     except ImportError:
         raise LocalError("migrelay migrate needs libvirt-python: pip install 'migrelay[libvirt]'") from None
+    # errors arrive as exceptions and are reported once; libvirt's default handler would print them too
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt
 
 
@@ -159,20 +164,32 @@ def migrate(
             dom = conn.lookupByName(domain)
         except lv.libvirtError as e:
             raise LocalError(f"{local_uri}: {e.get_error_message()}") from None
-        return _run(lv, conn, dom, session, flags, params, options, out)
+        summary = _run(lv, conn, dom, options, session["desturi"], flags, params, out)
+        summary.bytes = _session_bytes(control_path, session["id"])
+        return summary
     finally:
         control.request(control_path, "close", id=session["id"])
 
 
+def _session_bytes(control_path: Path, session_id: str) -> int:
+    """Bytes the relay carried for this session, once its streams (QEMU's, NBD's) have closed."""
+    deadline = time.monotonic() + SESSION_SETTLE_S
+    while True:
+        mine = [s for s in control.request(control_path, "list") if s["id"] == session_id]
+        if not mine or mine[0]["active_streams"] == 0 or time.monotonic() > deadline:
+            return int(mine[0]["bytes"]) if mine else 0
+        time.sleep(0.1)
+
+
 def _run(
-    lv: Any, conn: Any, dom: Any, session: dict[str, Any], flags: int, params: dict[str, Any],
-    options: MigrateOptions, out: TextIO,
+    lv: Any, conn: Any, dom: Any, options: MigrateOptions, desturi: str, flags: int, params: dict[str, Any],
+    out: TextIO,
 ) -> Summary:  # fmt: skip
     outcome: dict[str, BaseException | None] = {}
 
     def worker() -> None:
         try:
-            dom.migrateToURI3(session["desturi"], params, flags)
+            dom.migrateToURI3(desturi, params, flags)
             outcome["error"] = None
         except BaseException as e:  # handed to the main thread, which decides
             outcome["error"] = e
@@ -211,16 +228,14 @@ def _run(
         message = error.get_error_message() if isinstance(error, lv.libvirtError) else str(error)
         raise MigrationFailed(f"migration failed: {message}")
     seconds = time.monotonic() - started
-    completed = _completed_stats(lv, dom, session)
-    moved = completed.get("data_processed", progress.last.get("data_processed", 0))
-    downtime = completed.get("downtime")
-    return Summary(seconds, int(moved), int(downtime) if downtime is not None else None)
+    downtime = _completed_stats(lv, dom, desturi).get("downtime")
+    return Summary(seconds, 0, int(downtime) if downtime is not None else None)
 
 
-def _completed_stats(lv: Any, dom: Any, session: dict[str, Any]) -> dict[str, Any]:
+def _completed_stats(lv: Any, dom: Any, desturi: str) -> dict[str, Any]:
     """The completed job's statistics as the destination recorded them (asked through the relay)."""
     try:
-        dest = lv.open(session["desturi"])
+        dest = lv.open(desturi)
         try:
             stats: dict[str, Any] = dest.lookupByName(dom.name()).jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED)
         finally:

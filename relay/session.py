@@ -82,6 +82,7 @@ class Activity:
 
     active: int = 0
     since: float = field(default_factory=trio.current_time)
+    bytes: int = 0  # both directions, of the streams that have ended
 
     def touch(self) -> None:
         self.since = trio.current_time()
@@ -134,6 +135,7 @@ async def _pump(
         active.dec()
         if activity is not None:
             activity.active -= 1
+            activity.bytes += tx.total + rx.total
             activity.touch()
 
 

@@ -9,6 +9,7 @@ interrupted.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def test_migrate_with_disk_copy(cluster: Cluster) -> None:
         assert proc.returncode == 0, err
         assert out.startswith(f"{name} -> hvB: migrated in ") and "MB/s, downtime " in out, out
         assert "downtime n/a" not in out, out
+        # 15 MiB of pattern were written to the disk: the summary counts what crossed the relay
+        moved = re.search(r"([0-9.]+) MiB through the relay", out)
+        assert moved is not None and float(moved.group(1)) >= 15, out
         assert "-migration.sock" in err  # the session it used, not the shared socket
         assert state(cluster.b, name) == "running" and state(cluster.a, name) == "absent"
         disks_identical(cluster, name)
