@@ -117,12 +117,12 @@ class _Progress:
 
         self.bar = tqdm(
             total=0, unit="B", unit_scale=True, unit_divisor=1024, file=out, disable=not out.isatty(),
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}] {postfix}",
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
         )  # fmt: skip
         self.last: dict[str, Any] = {}
 
     def update(self, stats: dict[str, Any]) -> None:
-        if not stats or stats.get("type", 0) == 0:
+        if "data_total" not in stats:  # no job (yet), or it just ended
             return
         self.last = stats
         processed = int(stats.get("data_processed", 0))
