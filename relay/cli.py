@@ -19,6 +19,10 @@ from relay.errors import LocalError, MigrationInterrupted, RemoteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONTROL = Path(config.DEFAULT_SOCKET_DIR) / config.CONTROL_SOCKET_NAME
+BENCH_SETUPS = (
+    "direct", "socat-tcp", "socat-unix", "stunnel", "haproxy-tls", "haproxy-tcp",
+    "migrelay-tls", "migrelay-tcp", "migrelay-unix",
+)  # fmt: skip
 
 
 def _size(text: str) -> int:
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bandwidth", type=int, metavar="MiB/s", help="cap the migration bandwidth")
     m.add_argument("--tls", action="store_true", help="QEMU's own TLS inside the relay's (needs QEMU TLS setup)")
     control_options(m)
+
+    b = sub.add_parser("bench", help="throughput, CPU, latency and memory against socat, stunnel and HAProxy")
+    b.add_argument("--setups", default=",".join(BENCH_SETUPS), help="comma-separated (default: all)")
+    b.add_argument("--streams", default="1,4,16", help="concurrent stream counts (default 1,4,16)")
+    b.add_argument("--size", type=_size, default=_size("1G"), help="bytes per throughput run (default 1G)")
+    b.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    b.add_argument("--rtt-count", type=int, default=2000, help="1 KiB round trips per latency run")
+    b.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
 
     d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
     d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
@@ -201,6 +213,32 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from relay.bench import run, setups
+
+    names = [n for n in args.setups.split(",") if n]
+    unknown = [n for n in names if n not in setups.ALL]
+    if unknown:
+        raise LocalError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(setups.ALL)})")
+    missing = setups.missing_tools()
+    if missing:
+        raise LocalError(f"baselines not installed: {', '.join(missing)} (apt-get install socat stunnel4 haproxy)")
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise LocalError("migrelay bench needs its extra: pip install 'migrelay[bench]'") from None
+    streams = [int(n) for n in args.streams.split(",")]
+    steps = args.reps * (len(streams) + 1) * len(names)
+    with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        report = run.run(names, streams, args.size, args.reps, args.rtt_count, progress=bar.update)
+    run.table(report, sys.stdout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run.write_json(report, args.out / "bench.json")
+    run.plot(report, args.out / "bench.png")
+    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "serve": _serve,
     "check": _check,
@@ -208,6 +246,7 @@ COMMANDS = {
     "session": _session,
     "status": _status,
     "migrate": _migrate,
+    "bench": _bench,
     "demo": _demo,
 }
 
