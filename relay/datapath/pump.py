@@ -21,6 +21,11 @@ from relay.datapath.conn import Conn, StreamTruncated
 from relay.errors import RemoteError
 
 PIPE_SIZE_BYTES: Final = 1 << 20
+# A pump that never has to wait still lets other streams run once it has moved this much
+# since it last yielded. Not after every round: small messages (the libvirt RPC channel)
+# block on the next call and yield anyway, and an extra checkpoint is a scheduler pass
+# (an epoll_wait) per message per hop; bulk streams reach the budget every chunk.
+YIELD_EVERY_BYTES: Final = 256 * 1024
 COPY_BUFFER_BYTES: Final = 256 * 1024
 # Counters are pushed to Prometheus at most once per this many bytes (and at the end).
 METER_FLUSH_BYTES: Final = 16 << 20
@@ -71,6 +76,7 @@ async def splice_pump(src: Conn, dst: Conn, meter: Meter) -> None:
     r, w, pipe_size = _open_pipe()
     in_pipe = 0  # bytes spliced in from src, not yet out to dst
     eof = False
+    unyielded = 0  # bytes moved since this task last let others run
     try:
         while True:
             moved = False
@@ -92,17 +98,22 @@ async def splice_pump(src: Conn, dst: Conn, meter: Meter) -> None:
                 else:
                     in_pipe -= n
                     meter.add(n)
+                    unyielded += n
                     moved = True
             if eof and not in_pipe:
                 break
             if moved:
-                await trio.lowlevel.checkpoint()
+                if unyielded >= YIELD_EVERY_BYTES:
+                    unyielded = 0
+                    await trio.lowlevel.checkpoint()
             # Nothing moved: wait on the socket that blocks, never on the pipe. With
             # bytes in the pipe, dst refused them; with an empty pipe, src had none.
             elif in_pipe:
-                await trio.lowlevel.wait_writable(dst.sock)
+                unyielded = 0
+                await trio.lowlevel.wait_writable(dst_fd)
             else:
-                await trio.lowlevel.wait_readable(src.sock)
+                unyielded = 0
+                await trio.lowlevel.wait_readable(src_fd)
     finally:
         os.close(r)
         os.close(w)
@@ -112,13 +123,17 @@ async def splice_pump(src: Conn, dst: Conn, meter: Meter) -> None:
 async def copy_pump(src: Conn, dst: Conn, meter: Meter) -> None:
     """src -> one preallocated buffer -> dst; big reads, big writes, no per-chunk allocation."""
     buf = memoryview(bytearray(COPY_BUFFER_BYTES))
+    unyielded = 0  # the ends may have waited (and so yielded) meanwhile; this bounds the rest
     while True:
         n = await src.recv_into(buf)
         if n == 0:
             break
         await dst.send_all(buf[:n])
         meter.add(n)
-        await trio.lowlevel.checkpoint()
+        unyielded += n
+        if unyielded >= YIELD_EVERY_BYTES:
+            unyielded = 0
+            await trio.lowlevel.checkpoint()
     await dst.send_eof()
 
 
