@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     b.add_argument("--rtt-count", type=int, default=2000, help="1 KiB round trips per latency run")
     b.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
+    b.add_argument("--migration-reps", type=int, default=2, help="real 1 GiB QEMU migrations per setup (0: skip)")
 
     d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
     d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
@@ -214,7 +215,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from relay.bench import run, setups
+    from relay.bench import migration, run, setups
 
     names = [n for n in args.setups.split(",") if n]
     unknown = [n for n in names if n not in setups.ALL]
@@ -228,9 +229,15 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError:
         raise LocalError("migrelay bench needs its extra: pip install 'migrelay[bench]'") from None
     streams = [int(n) for n in args.streams.split(",")]
-    steps = args.reps * (len(streams) + 1) * len(names)
+    migrations = args.migration_reps
+    if migrations and (why := migration.available()) is not None:
+        print(f"migrelay bench: skipping the QEMU migration benchmark: {why}", file=sys.stderr)
+        migrations = 0
+    steps = args.reps * (len(streams) + 1) * len(names) + migrations * len(run.MIGRATION_SETUPS)
     with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         report = run.run(names, streams, args.size, args.reps, args.rtt_count, progress=bar.update)
+        if migrations:
+            run.run_migrations(report, migrations, progress=bar.update)
     run.table(report, sys.stdout)
     args.out.mkdir(parents=True, exist_ok=True)
     run.write_json(report, args.out / "bench.json")

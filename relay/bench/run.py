@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,9 @@ TARGETS: Final = (
     ("16 plaintext streams, MB/s", "migrelay-tcp", "socat-tcp", "streams=16", "mbps", 1.1),
     ("16 plaintext streams, slowest/fastest", "migrelay-tcp", None, "streams=16", "fairness", 0.8),
     ("1 KiB round trip, TLS pair, p50", "migrelay-tls", "stunnel", "rtt", "rtt", 1.6),
+    ("real 1 GiB migration, MB/s", "migrelay-tls", "socat-tls", "migration", "mbps", 2.0),
 )
+MIGRATION_SETUPS: Final = ("direct", "socat-tls", "migrelay-tls")
 RSS_LIMIT_MIB: Final = 64
 
 
@@ -58,6 +61,8 @@ class Sample:
     rss_mib: float | None = None
     rtt_p50_us: float | None = None
     rtt_p99_us: float | None = None
+    total_s: float | None = None
+    downtime_ms: float | None = None
 
 
 @dataclass
@@ -210,6 +215,30 @@ def run(
     return report
 
 
+def run_migrations(report: Report, reps: int, progress: Callable[[int], Any] | None = None) -> None:
+    """Real QEMU migrations (1 GiB guest) direct, through socat-TLS and through migrelay-TLS, interleaved."""
+    from relay.bench import migration
+
+    with tempfile.TemporaryDirectory(prefix="migrelay-bench-") as tmp:
+        root = Path(tmp)
+        started: list[Setup] = []
+        guest = Path(tempfile.mkdtemp(prefix="migrelay-bench-guest-", dir="/dev/shm")) / "src.ram"
+        try:
+            migration.fill_guest_ram(guest)
+            for name in MIGRATION_SETUPS:
+                started.append(migration.socat_tls(root) if name == "socat-tls" else setups.start(name, root))
+            for rep in range(reps):
+                for setup in started:
+                    result = migration.migrate_through(setup, guest)
+                    report.samples.append(Sample(setup.name, "migration", rep, **result))
+                    if progress is not None:
+                        progress(1)
+        finally:
+            for setup in started:
+                setup.stop()
+            shutil.rmtree(guest.parent, ignore_errors=True)
+
+
 def ratio(report: Report, setup: str, baseline: str | None, test: str, how: str) -> float | None:
     attr = {"mbps": "mbps", "cpu": "cpu_s_per_gb", "rtt": "rtt_p50_us", "fairness": "fairness"}[how]
     mine = report.median(setup, test, attr)
@@ -239,8 +268,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(report: Report, out: TextIO) -> None:
-    tests = sorted({s.test for s in report.samples if s.test != "rtt"}, key=lambda t: int(t.split("=")[1]))
-    names = list(dict.fromkeys(s.setup for s in report.samples))
+    tests = sorted({s.test for s in report.samples if s.test.startswith("streams=")}, key=lambda t: int(t[8:]))
+    names = list(dict.fromkeys(s.setup for s in report.samples if s.test != "migration"))
     m = report.machine
     out.write(f"\nmachine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, {m['date']}\n")
     out.write("medians of interleaved runs (min-max); MB/s aggregate, CPU-s/GB of both forwarders\n\n")
@@ -259,6 +288,15 @@ def table(report: Report, out: TextIO) -> None:
         rss = report.values(name, "streams=16", "rss_mib") or report.values(name, "streams=1", "rss_mib")
         row += f"{_fmt(max(rss) if rss else None, '.0f'):>9}"
         out.write(row + "\n")
+    if any(s.test == "migration" for s in report.samples):
+        out.write("\nreal QEMU migration, 1 GiB guest of random RAM, running, TCG (medians):\n")
+        for name in MIGRATION_SETUPS:
+            if report.values(name, "migration", "mbps"):
+                out.write(
+                    f"  {name:<14} {_fmt(report.median(name, 'migration', 'total_s'), '.2f'):>6} s total, "
+                    f"downtime {_fmt(report.median(name, 'migration', 'downtime_ms'), '.0f'):>4} ms, "
+                    f"{_fmt(report.median(name, 'migration', 'mbps'), '.0f'):>5} MB/s\n"
+                )
     out.write("\ntargets (ratios in this run):\n")
     for figure, setup, value, goal, ok in target_rows(report):
         verdict = "n/a" if ok is None else ("met" if ok else "MISSED")
@@ -285,8 +323,8 @@ def plot(report: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tests = sorted({s.test for s in report.samples if s.test != "rtt"}, key=lambda t: int(t.split("=")[1]))
-    names = list(dict.fromkeys(s.setup for s in report.samples))
+    tests = sorted({s.test for s in report.samples if s.test.startswith("streams=")}, key=lambda t: int(t[8:]))
+    names = list(dict.fromkeys(s.setup for s in report.samples if s.test != "migration"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(len(tests), 1)
     for i, t in enumerate(tests):
