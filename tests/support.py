@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +126,6 @@ async def recv_stream(sock: trio.socket.SocketType) -> tuple[int, str]:
         h.update(memoryview(buf)[:n])
         total += n
     return total, h.hexdigest()
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

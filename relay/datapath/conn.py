@@ -2,8 +2,8 @@
 
 `PlainConn` is a non-blocking socket (unix or TCP); its fd can be spliced.
 `TlsConn` is pyOpenSSL on the same kind of socket (socket BIO, so kernel TLS and
-splice stay possible where the kernel has them). Both offer the same four calls,
-which is all a pump needs.
+splice stay possible where the kernel has them). Both offer the same calls
+(recv_into, send_all, send_eof, abort, close), which is all a pump needs.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ class Conn(Protocol):
     @property
     def splice_fd(self) -> int | None:
         """The socket fd if bytes may be spliced to/from it directly, else None."""
-
-    @property
-    def sock(self) -> trio.socket.SocketType: ...
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read some bytes into buf; 0 means a clean end of stream."""
@@ -104,10 +101,6 @@ class PlainConn:
         self._sock = RawSocket(sock)
 
     @property
-    def sock(self) -> trio.socket.SocketType:
-        return self._sock.trio
-
-    @property
     def splice_fd(self) -> int | None:
         return self._sock.raw.fileno()
 
@@ -166,10 +159,6 @@ class TlsConn:
     @property
     def ssl(self) -> SSL.Connection:
         return self._ssl
-
-    @property
-    def sock(self) -> trio.socket.SocketType:
-        return self._sock
 
     @property
     def splice_fd(self) -> int | None:
