@@ -22,6 +22,7 @@ import trio
 
 from relay import pki
 from relay.errors import LocalError
+from relay.net import free_port
 
 CHUNK_BYTES: Final = 1 << 20
 POOL_BYTES: Final = 32 << 20
@@ -46,22 +47,17 @@ class DemoResult:
         return self.bytes_received / self.seconds / 1e6 if self.seconds else 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def write_pair_configs(
+    root: Path, pki_dir: Path, transport: str = "tls", channel: str = "demo.sock"
+) -> tuple[Path, Path]:
+    """Configs for two relays on loopback under root: hvA dials, hvB listens; one channel.
 
-
-def write_demo_configs(root: Path, port: int, transport: str = "tls") -> tuple[Path, Path]:
-    """Certificates and two configs (hvA dials, hvB listens) under root."""
-    pki_dir = root / "pki"
-    pki.init_ca(pki_dir)
-    for name in ("hvA", "hvB"):
-        pki.issue(pki_dir, name)
+    Each relay's socket_dir is root/<name>; clients connect to root/hvA/hvB/<channel>
+    and hvB connects them to root/hvB/hvB/<channel>. pki_dir holds hvA's and hvB's certificates.
+    """
     listen = {
-        "tls": f"127.0.0.1:{port}",
-        "tcp": f"tcp://127.0.0.1:{port}",
+        "tls": f"127.0.0.1:{free_port()}",
+        "tcp": f"tcp://127.0.0.1:{free_port()}",
         "unix": f"unix:{root}/hvB-peer.sock",
     }[transport]
     insecure = "insecure = true\n" if transport == "tcp" else ""
@@ -72,12 +68,12 @@ def write_demo_configs(root: Path, port: int, transport: str = "tls") -> tuple[P
     a = root / "hvA.toml"
     a.write_text(
         f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\nlisten = []\n\n{tls("hvA")}\n'
-        f'[peers.hvB]\naddress = "{listen}"\nchannels = ["demo.sock"]\n{insecure}'
+        f'[peers.hvB]\naddress = "{listen}"\nchannels = ["{channel}"]\n{insecure}'
     )
     b = root / "hvB.toml"
     b.write_text(
         f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{listen}"]\n\n{tls("hvB")}\n'
-        f'[peers.hvA]\nchannels = ["demo.sock"]\n{insecure}'
+        f'[peers.hvA]\nchannels = ["{channel}"]\n{insecure}'
     )
     return a, b
 
@@ -142,7 +138,11 @@ async def _show_progress(progress: list[int], size: int, start: float, out: Text
 async def run_demo(size: int, out: TextIO = sys.stdout, transport: str = "tls") -> DemoResult:
     with tempfile.TemporaryDirectory(prefix="migrelay-demo-") as tmp:
         root = Path(tmp)
-        a_conf, b_conf = write_demo_configs(root, _free_port(), transport)
+        pki_dir = root / "pki"
+        pki.init_ca(pki_dir)
+        for name in ("hvA", "hvB"):
+            pki.issue(pki_dir, name)
+        a_conf, b_conf = write_pair_configs(root, pki_dir, transport)
         out.write(f"migrelay demo: fresh CA and certificates in {root}/pki; relays hvA -> hvB over {transport}\n")
         notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         await notify.bind(str(root / "notify.sock"))

@@ -138,3 +138,11 @@ async def adopt(address: Address, inherited: list[socket.socket]) -> trio.socket
             inherited.remove(sock)
             return trio.socket.from_stdlib_socket(sock)
     return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on host (for the demo, the bench and tests; racy by nature)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -10,15 +10,9 @@ from pathlib import Path
 import trio
 
 from relay import config, pki
+from relay.net import free_port
 
 CHUNK = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from relay.bench.setups import SOCAT_BUFFER_BYTES, Setup, _spawn, _wait_for, free_port, make_pki
+from relay.bench.setups import SOCAT_BUFFER_BYTES, Setup, _spawn, _wait_for, make_pki
+from relay.net import free_port
 
 GUEST_MIB: Final = 1024
 UNCAPPED_BYTES_PER_S: Final = 1 << 40

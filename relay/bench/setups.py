@@ -8,7 +8,6 @@ mutual authentication against one CA, like migrelay.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from pathlib import Path
 from typing import Final
 
 from relay import pki
+from relay.demo import write_pair_configs
+from relay.net import free_port
 
 START_TIMEOUT_S: Final = 20.0
 SOCAT_BUFFER_BYTES: Final = 262144
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -155,27 +149,13 @@ def migrelay(root: Path, transport: str) -> Setup:
     name = f"migrelay-{transport}"
     base = root / name
     base.mkdir(exist_ok=True)
-    address = {
-        "tls": f"127.0.0.1:{free_port()}",
-        "tcp": f"tcp://127.0.0.1:{free_port()}",
-        "unix": f"unix:{base}/peer.sock",
-    }[transport]
-    insecure = "insecure = true\n" if transport == "tcp" else ""
-    tls = '[tls]\nca = "{d}/ca.pem"\ncert = "{d}/{n}.pem"\nkey = "{d}/{n}-key.pem"\n'
-    (base / "a.toml").write_text(
-        f'[relay]\nname = "hvA"\nsocket_dir = "{base}/a"\n{tls.format(d=d, n="hvA")}\n'
-        f'[peers.hvB]\naddress = "{address}"\nchannels = ["bench.sock"]\n{insecure}'
-    )
-    (base / "b.toml").write_text(
-        f'[relay]\nname = "hvB"\nsocket_dir = "{base}/b"\nlisten = ["{address}"]\n{tls.format(d=d, n="hvB")}\n'
-        f'[peers.hvA]\nchannels = ["bench.sock"]\n{insecure}'
-    )
+    a_conf, b_conf = write_pair_configs(base, d, transport, channel="bench.sock")
     cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "serve", "--config"]
-    procs = [_spawn([*cmd, str(base / f"{s}.toml")], base / f"{s}.log") for s in "ba"]
-    _wait_for(base / "a" / "hvB" / "bench.sock", procs, name)
-    _wait_for(base / "b" / "control.sock", procs, name)
-    return Setup(name, "tls" if transport == "tls" else "plain", base / "a/hvB/bench.sock",
-                 base / "b/hvB/bench.sock", procs)  # fmt: skip
+    procs = [_spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
+    _wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
+    _wait_for(base / "hvB" / "control.sock", procs, name)
+    return Setup(name, "tls" if transport == "tls" else "plain", base / "hvA/hvB/bench.sock",
+                 base / "hvB/hvB/bench.sock", procs)  # fmt: skip
 
 
 def missing_tools() -> list[str]:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from relay import pki
+from relay.net import free_port
 from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, relay_config
 from tests.e2e.procs import ServeProcess, serve
-from tests.support import add_metrics, free_port, make_pki, pair_configs, scrape
+from tests.support import add_metrics, make_pki, pair_configs, scrape
 
 
 @dataclass

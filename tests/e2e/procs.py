@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,27 @@ class Qemu:
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.disconnect(), 5)
+
+
+def vm_pair(workdir: Path, ram_dir: Path, prefix: str = "", **disks: Path) -> tuple[Qemu, Qemu]:
+    """A source with random RAM and an incoming destination with blank RAM (disks: src=, dst=)."""
+    src = Qemu(f"{prefix}src", workdir, ram_dir, disk=disks.get("src"))
+    dst = Qemu(f"{prefix}dst", workdir, ram_dir, incoming=True, disk=disks.get("dst"))
+    src.fill_ram()
+    dst.blank_ram()
+    return src, dst
+
+
+@contextlib.asynccontextmanager
+async def running(*vms: Qemu) -> AsyncIterator[None]:
+    """Start the VMs; stop every one of them whatever happens."""
+    try:
+        for vm in vms:
+            await vm.start()
+        yield
+    finally:
+        for vm in vms:
+            await vm.stop()
 
 
 def sha256(path: Path) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, sha256
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, running, sha256, vm_pair
 
 
 def open_session(hosts: Hosts) -> dict[str, str]:
@@ -29,25 +29,15 @@ def open_session(hosts: Hosts) -> dict[str, str]:
 def test_qemu_concurrent_migrations_with_sessions(hosts: Hosts, ram_dir: Path) -> None:
     need("qemu-system-x86_64")
     sessions = [open_session(hosts), open_session(hosts)]
-    pairs = [
-        (Qemu(f"src{i}", hosts.root, ram_dir), Qemu(f"dst{i}", hosts.root, ram_dir, incoming=True)) for i in range(2)
-    ]
-    for src, dst in pairs:
-        src.fill_ram()
-        dst.blank_ram()
+    pairs = [vm_pair(hosts.root, ram_dir, prefix=f"{i}-") for i in range(2)]
 
     async def one(src: Qemu, dst: Qemu, session: dict[str, str]) -> None:
-        await src.start()
-        await dst.start()
-        try:
+        async with running(src, dst):
             await src.parameters(max_bandwidth=UNCAPPED_BYTES_PER_S)
             source = Path(session["migrateuri"].removeprefix("unix://"))
             # libvirt hands the destination the same URI; the overlay maps it to hvB's own folder
             destination = hosts.destination(source.name)
             await precopy(src, dst, source, destination)
-        finally:
-            await src.stop()
-            await dst.stop()
 
     async def both() -> None:
         await asyncio.gather(*(one(src, dst, s) for (src, dst), s in zip(pairs, sessions, strict=True)))

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, sha256
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, need, running, sha256, vm_pair
 
 DISK_MIB = 32
 
@@ -27,15 +27,10 @@ def test_qemu_disk_copy_through_relays(hosts: Hosts, ram_dir: Path) -> None:
             f.write(os.urandom(1 << 20))
     with dst_disk.open("wb") as f:
         f.truncate(DISK_MIB << 20)
-    src = Qemu("src", hosts.root, ram_dir, disk=src_disk)
-    dst = Qemu("dst", hosts.root, ram_dir, incoming=True, disk=dst_disk)
-    src.fill_ram()
-    dst.blank_ram()
+    src, dst = vm_pair(hosts.root, ram_dir, src=src_disk, dst=dst_disk)
 
     async def migrate() -> None:
-        await src.start()
-        await dst.start()
-        try:
+        async with running(src, dst):
             # destination: NBD server in its own overlay folder, the disk exported writable
             nbd = {"type": "unix", "data": {"path": str(hosts.destination("nbd.sock"))}}  # SocketAddressLegacy
             await dst.cmd("nbd-server-start", addr=nbd)
@@ -67,9 +62,6 @@ def test_qemu_disk_copy_through_relays(hosts: Hosts, ram_dir: Path) -> None:
             assert (await dst.wait_migration({"completed"}))["status"] == "completed"
             await src.wait_migration({"completed"})
             await dst.cmd("nbd-server-stop")
-        finally:
-            await src.stop()
-            await dst.stop()
 
     asyncio.run(migrate())
     compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_disk), str(dst_disk)],

@@ -11,29 +11,22 @@ import asyncio
 from pathlib import Path
 
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, sha256
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, need, precopy, running, sha256, vm_pair
 
 CHANNELS = 4
 
 
 def test_qemu_multifd_through_relays(hosts: Hosts, ram_dir: Path) -> None:
     need("qemu-system-x86_64")
-    src, dst = Qemu("src", hosts.root, ram_dir), Qemu("dst", hosts.root, ram_dir, incoming=True)
-    src.fill_ram()
-    dst.blank_ram()
+    src, dst = vm_pair(hosts.root, ram_dir)
 
     async def migrate() -> None:
-        await src.start()
-        await dst.start()
-        try:
+        async with running(src, dst):
             for vm in (src, dst):
                 await vm.capabilities(multifd=True)
                 await vm.parameters(multifd_channels=CHANNELS)
             await src.parameters(max_bandwidth=UNCAPPED_BYTES_PER_S)
             await precopy(src, dst, hosts.source("migration.sock"), hosts.destination("migration.sock"))
-        finally:
-            await src.stop()
-            await dst.stop()
 
     asyncio.run(migrate())
     assert sha256(dst.ram_file) == sha256(src.ram_file)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import Qemu, need, sha256
+from tests.e2e.procs import need, running, sha256, vm_pair
 
 # Slow precopy enough that the switch to postcopy happens with most RAM still on the source,
 # and the background push after it, so that the destination's reads must fault pages in.
@@ -35,15 +35,11 @@ def ram_outside_hole(path: Path) -> str:
 @pytest.mark.parametrize("preempt", [False, True], ids=["postcopy", "postcopy-preempt"])
 def test_qemu_postcopy_through_relays(hosts: Hosts, ram_dir: Path, preempt: bool) -> None:
     need("qemu-system-x86_64")
-    src, dst = Qemu("src", hosts.root, ram_dir), Qemu("dst", hosts.root, ram_dir, incoming=True)
-    src.fill_ram()
-    dst.blank_ram()
+    src, dst = vm_pair(hosts.root, ram_dir)
     dump = ram_dir / "dst-read-during-postcopy.bin"
 
     async def migrate() -> dict[str, object]:
-        await src.start()
-        await dst.start()
-        try:
+        async with running(src, dst):
             for vm in (src, dst):
                 await vm.capabilities(postcopy_ram=True, **({"postcopy_preempt": True} if preempt else {}))
             await src.parameters(max_bandwidth=PRECOPY_BYTES_PER_S, max_postcopy_bandwidth=POSTCOPY_PUSH_BYTES_PER_S)
@@ -60,9 +56,6 @@ def test_qemu_postcopy_through_relays(hosts: Hosts, ram_dir: Path, preempt: bool
             done = await src.wait_migration({"completed"})
             info["postcopy_requests"] = done["ram"]["postcopy-requests"]
             return info
-        finally:
-            await src.stop()
-            await dst.stop()
 
     info = asyncio.run(migrate())
     assert info["status"] == "completed"

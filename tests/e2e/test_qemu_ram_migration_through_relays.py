@@ -11,25 +11,18 @@ import asyncio
 from pathlib import Path
 
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, sha256
+from tests.e2e.procs import UNCAPPED_BYTES_PER_S, need, precopy, running, sha256, vm_pair
 
 
 def test_qemu_ram_migration_through_relays(hosts: Hosts, ram_dir: Path) -> None:
     need("qemu-system-x86_64")
-    src, dst = Qemu("src", hosts.root, ram_dir), Qemu("dst", hosts.root, ram_dir, incoming=True)
-    src.fill_ram()
-    dst.blank_ram()
+    src, dst = vm_pair(hosts.root, ram_dir)
 
     async def migrate() -> None:
-        await src.start()
-        await dst.start()
-        try:
+        async with running(src, dst):
             await src.parameters(max_bandwidth=UNCAPPED_BYTES_PER_S)
             info = await precopy(src, dst, hosts.source("migration.sock"), hosts.destination("migration.sock"))
             assert info["status"] == "completed"
-        finally:
-            await src.stop()
-            await dst.stop()
 
     asyncio.run(migrate())
     assert sha256(dst.ram_file) == sha256(src.ram_file)

@@ -23,11 +23,12 @@ from relay import config, pki
 from relay.config import Config, TlsFiles
 from relay.datapath import TlsConn
 from relay.errors import RemoteError
+from relay.net import free_port
 from relay.protocol import REQUEST_FIXED, Reply, ReplyReader, Request, encode_request
 from relay.server import Relay
 from relay.session import read_header
 from relay.tlsconfig import client_context
-from tests.support import Pki, connect, free_port, listen, make_pki, pair_configs, recv_stream, send_stream
+from tests.support import Pki, connect, listen, make_pki, pair_configs, recv_stream, send_stream
 
 TRANSPORTS = ["tls", "unix", "tcp"]
 
