@@ -70,6 +70,7 @@ async def check_peer(ctx: RelayContext, peer: PeerConfig) -> Finding:
                 await tls.handshake()
                 names = peer_cert_names(tls.ssl)
                 version = tls.ssl.get_protocol_version_name()
+                await tls.send_eof()  # a clean goodbye: the peer logs a probe, not a failure
             finally:
                 sock.close()
     except trio.TooSlowError:

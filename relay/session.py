@@ -92,16 +92,24 @@ class Activity:
         return 0.0 if self.active else trio.current_time() - self.since
 
 
+class ClosedBeforeHeader(ProtocolError):
+    """The other side authenticated and hung up without a byte: a probe (`migrelay check`)."""
+
+
 async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Reply:
     """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
     buf = bytearray(max(reader.wanted(), 64))
+    fed = False
     while True:
         want = reader.wanted()
         if want > len(buf):
             buf = bytearray(want)
         got = await conn.recv_into(memoryview(buf)[:want])
+        if got == 0 and not fed:
+            raise ClosedBeforeHeader("connection closed before sending a header")
         if got == 0:
             raise ProtocolError("connection closed before a complete header")
+        fed = True
         message = reader.feed(bytes(buf[:got]))
         if message is not None:
             return message
@@ -278,6 +286,8 @@ async def _accept_request(
         conn = PlainConn(raw)
     try:
         request = await read_header(conn, RequestReader())
+    except ClosedBeforeHeader:
+        raise
     except UnsupportedVersion as e:
         raise _Answerable(conn, STATUS_UNSUPPORTED_VERSION, str(e)) from None
     except ProtocolError as e:
@@ -329,6 +339,10 @@ async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: T
             except (OSError, RemoteError):
                 pass  # the peer left first; the refusal is logged and counted above
         e.conn.close()
+        return
+    except ClosedBeforeHeader:
+        log.info("%s completed a handshake and closed (a `migrelay check`?)", who)
+        raw.close()
         return
     except (RemoteError, OSError, trio.TooSlowError) as e:
         reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)

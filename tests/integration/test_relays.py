@@ -450,3 +450,17 @@ async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
         assert (await sock.recv(100)).decode() == hashlib.sha256(b"before the stop, after the stop").hexdigest()
         sock.close()
         servers.cancel_scope.cancel()
+
+
+async def test_check_probe_is_not_a_failure(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """`migrelay check` handshakes and hangs up: the peer must not log or count that as a failure."""
+    from relay.check import run_check
+
+    caplog.set_level(logging.INFO, logger="migrelay.session")
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(b) as (rb,):
+        findings = await run_check(a)
+        assert any("mutual auth ok" in str(f) for f in findings)
+        await eventually(lambda: any("completed a handshake and closed" in r.getMessage() for r in caplog.records))
+        assert counted(rb, "migrelay_connections_total") == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "migrelay.session"]
