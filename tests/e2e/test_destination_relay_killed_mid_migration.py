@@ -73,7 +73,9 @@ def test_destination_relay_killed_mid_migration(hosts: Hosts, ram_dir: Path) -> 
                 break
             await asyncio.sleep(0.1)
         assert relay_a.proc.poll() is None
-        assert fd_count(relay_a.proc.pid) == baseline_fds
+        # no leak: never more than before (the baseline may have caught a transient fd,
+        # such as a metrics scrape being answered)
+        assert fd_count(relay_a.proc.pid) <= baseline_fds
 
     async def retry() -> None:
         dst2 = Qemu("dst2", hosts.root, ram_dir, incoming=True)
