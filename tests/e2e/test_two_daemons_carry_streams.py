@@ -8,6 +8,7 @@ removes its overlay sockets — over each of the three peer transports.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,23 @@ def test_two_daemons_carry_streams(tmp_path: Path, transport: str) -> None:
 
     with serve(tmp_path / "hvA.toml", tmp_path / "hvB.toml") as (a, b):
         trio.run(exchange)
-        trio.run(trio.sleep, 0.2)  # the relays flush their byte meters when the stream closes
+        # the relays flush their byte meters when the stream closes, just after the clients finish
+        tx_on_a = (
+            "migrelay_bytes_total",
+            frozenset({"peer": "hvB", "channel": "migration", "direction": "tx"}.items()),
+        )
+        rx_on_b = (
+            "migrelay_bytes_total",
+            frozenset({"peer": "hvA", "channel": "migration", "direction": "rx"}.items()),
+        )
+        deadline = time.monotonic() + 10
+        while (scrape(port_a).get(tx_on_a), scrape(port_b).get(rx_on_b)) != (SIZE, SIZE):
+            if time.monotonic() > deadline:
+                break  # the assertions below say what is missing
+            time.sleep(0.05)
         on_a, on_b = scrape(port_a), scrape(port_b)
         labels = {"peer": "hvB", "channel": "migration"}
-        assert on_a[("migrelay_bytes_total", frozenset({**labels, "direction": "tx"}.items()))] == SIZE
+        assert on_a[tx_on_a] == SIZE
         assert on_a[("migrelay_bytes_total", frozenset({**labels, "direction": "rx"}.items()))] == SIZE // 4
         labels = {"peer": "hvA", "channel": "migration"}
         assert on_b[("migrelay_bytes_total", frozenset({**labels, "direction": "rx"}.items()))] == SIZE
