@@ -6,6 +6,7 @@ config and its certificates can live side by side.
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,12 +90,17 @@ class Config:
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None  # group that owns the overlay sockets (e.g. libvirt-qemu)
     control: Path | None = None  # None: <socket_dir>/control.sock
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     tls: TlsFiles | None = None
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     source: Path | None = None
+
+    @property
+    def socket_gid(self) -> int | None:
+        return None if self.socket_group is None else _gid(self.socket_group)
 
     @property
     def control_path(self) -> Path:
@@ -120,6 +126,7 @@ class Config:
             f"handshake_timeout_s = {self.handshake_timeout_s}",
             f"drain_timeout_s = {self.drain_timeout_s}",
             f"socket_mode = {q(oct(self.socket_mode)[2:].rjust(4, '0'))}",
+            *([f"socket_group = {q(self.socket_group)}"] if self.socket_group is not None else []),
             f"control = {q(str(self.control_path))}",
             f"session_idle_s = {self.session_idle_s}",
         ]
@@ -136,6 +143,11 @@ class Config:
             if peer.insecure:
                 lines.append("insecure = true")
         return "\n".join(lines) + "\n"
+
+
+def _gid(group: str) -> int:
+    """A group name or number -> gid; KeyError if there is no such group."""
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _toml_str(s: str) -> str:
@@ -231,6 +243,12 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     libvirt = _resolve(libvirt_text, base) if libvirt_text else None
     handshake = relay.number("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
     drain = relay.number("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)
+    socket_group = relay.string("socket_group")
+    if socket_group is not None:
+        try:
+            _gid(socket_group)
+        except KeyError:
+            raise ConfigError(f"[relay] socket_group: no group {socket_group!r} on this host") from None
     control_text = relay.string("control")
     control = _resolve(control_text, base) if control_text else None
     session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
@@ -276,6 +294,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         handshake_timeout_s=handshake,
         drain_timeout_s=drain,
         socket_mode=socket_mode,
+        socket_group=socket_group,
         control=control,
         session_idle_s=session_idle,
         tls=tls,

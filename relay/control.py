@@ -102,7 +102,7 @@ class Control:
         try:
             for channel in channels:
                 name = f"{session_id}-{channel}"
-                listeners.append((await net.listen_unix(folder / name, cfg.socket_mode), name))
+                listeners.append((await net.listen_unix(folder / name, cfg.socket_mode, cfg.socket_gid), name))
                 sockets[channel] = folder / name
         except BaseException:
             for sock, _ in listeners:

@@ -52,11 +52,13 @@ def remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-async def listen_unix(path: Path, mode: int) -> trio.socket.SocketType:
+async def listen_unix(path: Path, mode: int, gid: int | None = None) -> trio.socket.SocketType:
     remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
+        if gid is not None:
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
@@ -65,9 +67,9 @@ async def listen_unix(path: Path, mode: int) -> trio.socket.SocketType:
     return sock
 
 
-async def listen(address: Address, socket_mode: int) -> trio.socket.SocketType:
+async def listen(address: Address, socket_mode: int, gid: int | None = None) -> trio.socket.SocketType:
     if address.kind == "unix":
-        return await listen_unix(Path(address.path), socket_mode)
+        return await listen_unix(Path(address.path), socket_mode, gid)
     return await listen_tcp(address.host, address.port)
 
 

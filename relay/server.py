@@ -33,6 +33,7 @@ from relay.tlsconfig import client_context, load_identity, server_context
 log = logging.getLogger("migrelay.server")
 
 DIR_MODE = 0o755
+OWN_DIR_GROUP_MODE = 0o2775  # with socket_group: the group may create sockets; setgid keeps the group
 
 
 @dataclass
@@ -71,7 +72,13 @@ class Relay:
         """Create the overlay folders and bind every listener (or raise LocalError)."""
         cfg = self.config
         cfg.socket_dir.mkdir(parents=True, exist_ok=True)
-        peer_dir(cfg.socket_dir, cfg.name).mkdir(mode=DIR_MODE, exist_ok=True)
+        own = peer_dir(cfg.socket_dir, cfg.name)
+        own.mkdir(mode=DIR_MODE, exist_ok=True)
+        gid = cfg.socket_gid
+        if gid is not None:
+            # the local hypervisor (e.g. QEMU as libvirt-qemu) creates its listening sockets here
+            os.chown(own, -1, gid)
+            os.chmod(own, OWN_DIR_GROUP_MODE)
         inherited = inherited_sockets(self.env)
         inbound = []
         for address in cfg.listen:
@@ -80,7 +87,7 @@ class Relay:
                 log.info("using the socket-activated listener for %s", address)
                 inbound.append((adopted, address))
                 continue
-            inbound.append((await net.listen(address, cfg.socket_mode), address))
+            inbound.append((await net.listen(address, cfg.socket_mode, gid), address))
             if address.kind == "unix":
                 self._socket_files.append(Path(address.path))
         if inherited:
@@ -92,7 +99,7 @@ class Relay:
             folder.mkdir(mode=DIR_MODE, exist_ok=True)
             for name in peer.channels:
                 path = folder / name
-                outbound.append((await net.listen_unix(path, cfg.socket_mode), peer.name, name))
+                outbound.append((await net.listen_unix(path, cfg.socket_mode, gid), peer.name, name))
                 self._socket_files.append(path)
         return inbound, outbound
 

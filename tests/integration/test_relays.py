@@ -7,10 +7,12 @@ the "destination hypervisor" (this test) listens.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import hashlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -463,3 +465,17 @@ async def test_check_probe_is_not_a_failure(tmp_path: Path, p: Pki, caplog: pyte
         await eventually(lambda: any("completed a handshake and closed" in r.getMessage() for r in caplog.records))
         assert counted(rb, "migrelay_connections_total") == 0
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "migrelay.session"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give sockets to another group")
+async def test_socket_group_owns_the_overlay(tmp_path: Path, p: Pki) -> None:
+    """With socket_group, a hypervisor running as that group can use the overlay (Debian: libvirt-qemu)."""
+    group = grp.getgrgid(65534).gr_name  # nogroup
+    pair_configs(tmp_path, p, "tls")
+    text = (tmp_path / "hvA.toml").read_text().replace("[relay]\n", f'[relay]\nsocket_group = "{group}"\n', 1)
+    (tmp_path / "hvA.toml").write_text(text)
+    async with running(config.load(tmp_path / "hvA.toml")):
+        overlay_socket = (tmp_path / "hvA/hvB/migration.sock").stat()
+        assert overlay_socket.st_gid == 65534 and stat.S_IMODE(overlay_socket.st_mode) == 0o660
+        own = (tmp_path / "hvA/hvA").stat()
+        assert own.st_gid == 65534 and stat.S_IMODE(own.st_mode) & 0o070 == 0o070

@@ -92,6 +92,7 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         ('[relay]\nname = "a"\n[peers.b]\nchannels = ["x", "x"]\n', r"duplicate"),
         ('[relay]\nname = "a"\n[peers.b]\ninsecure = "yes"\n', r"insecure: expected true or false"),
         ('[relay]\nname = "a"\nsocket_mode = "rw"\n', r"socket_mode: 'rw' is not an octal mode"),
+        ('[relay]\nname = "a"\nsocket_group = "no-such-group-here"\n', r"socket_group: no group 'no-such-group-here'"),
         ('[relay]\nname = "a"\n[metrics]\nlisten = "unix:/m"\n', r"\[metrics\] listen: expected HOST:PORT"),
         ("[relay\n", r"not valid TOML"),
     ],
@@ -119,3 +120,9 @@ def test_addresses() -> None:
 def test_shipped_examples_are_valid(path: Path) -> None:
     cfg = config.load(path)
     assert cfg.peers
+
+
+def test_socket_group(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[relay]\nname = "a"\nsocket_group = "0"\n')
+    assert cfg.socket_gid == 0
+    assert load(tmp_path, cfg.as_toml()).socket_group == "0"
