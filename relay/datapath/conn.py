@@ -137,8 +137,7 @@ class TlsConn:
     def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection) -> None:
         self._sock = sock
         self._ssl = conn
-        self._readable_waiter: trio.Event | None = None
-        self._writable_waiter: trio.Event | None = None
+        self._waiters: dict[bool, trio.Event] = {}  # writable? -> the task waiting for it
 
     @classmethod
     def client(cls, sock: trio.socket.SocketType, ctx: SSL.Context, session: SSL.Session | None = None) -> TlsConn:
@@ -170,26 +169,18 @@ class TlsConn:
     # first to finish and retries its call. No lock on the normal path: acquiring one
     # costs a scheduler pass on every wait.
 
-    async def _wait_readable(self) -> None:
-        if (busy := self._readable_waiter) is not None:
+    async def _wait(self, writable: bool) -> None:
+        if (busy := self._waiters.get(writable)) is not None:
             await busy.wait()
             return
-        self._readable_waiter = done = trio.Event()
+        self._waiters[writable] = done = trio.Event()
         try:
-            await trio.lowlevel.wait_readable(self._sock)
+            if writable:
+                await trio.lowlevel.wait_writable(self._sock)
+            else:
+                await trio.lowlevel.wait_readable(self._sock)
         finally:
-            self._readable_waiter = None
-            done.set()
-
-    async def _wait_writable(self) -> None:
-        if (busy := self._writable_waiter) is not None:
-            await busy.wait()
-            return
-        self._writable_waiter = done = trio.Event()
-        try:
-            await trio.lowlevel.wait_writable(self._sock)
-        finally:
-            self._writable_waiter = None
+            del self._waiters[writable]
             done.set()
 
     async def handshake(self) -> None:
@@ -197,9 +188,9 @@ class TlsConn:
             try:
                 self._ssl.do_handshake()
             except SSL.WantReadError:
-                await self._wait_readable()
+                await self._wait(writable=False)
             except SSL.WantWriteError:
-                await self._wait_writable()
+                await self._wait(writable=True)
             except SSL.SysCallError as e:
                 raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
             except SSL.Error as e:
@@ -215,9 +206,9 @@ class TlsConn:
             try:
                 got = self._ssl.recv_into(buf, min(len(buf), TLS_RECORD_BYTES))
             except SSL.WantReadError:
-                await self._wait_readable()
+                await self._wait(writable=False)
             except SSL.WantWriteError:
-                await self._wait_writable()
+                await self._wait(writable=True)
             except SSL.ZeroReturnError:
                 return 0
             except SSL.SysCallError as e:
@@ -244,10 +235,10 @@ class TlsConn:
             try:
                 sent = self._ssl.send(data)
             except SSL.WantWriteError:
-                await self._wait_writable()
+                await self._wait(writable=True)
                 continue
             except SSL.WantReadError:
-                await self._wait_readable()
+                await self._wait(writable=False)
                 continue
             except SSL.SysCallError as e:
                 raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
@@ -261,7 +252,7 @@ class TlsConn:
             try:
                 self._ssl.shutdown()
             except SSL.WantWriteError:
-                await self._wait_writable()
+                await self._wait(writable=True)
             except SSL.WantReadError:
                 break  # close_notify is out; waiting for the peer's is the reader's job
             except SSL.SysCallError as e:
