@@ -12,7 +12,8 @@ import contextlib
 import os
 import socket
 import struct
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 from OpenSSL import SSL
@@ -24,6 +25,7 @@ from relay.tlsconfig import new_notes, verify_failure
 # through a temporary buffer of the size asked for, so asking for more only costs.
 TLS_RECORD_BYTES: Final = 16384
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+T = TypeVar("T")
 
 
 class StreamTruncated(RemoteError):
@@ -49,6 +51,13 @@ class Conn(Protocol):
         """Close so that the other end sees an error (RST), never a clean end."""
 
     def close(self) -> None: ...
+
+
+def _arm_reset(sock: socket.socket | trio.socket.SocketType) -> None:
+    """Make the next close send RST, not FIN: the other end must see an error, not an end."""
+    # already closed or not a stream socket: the close() that follows is all there is to do
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 class RawSocket:
@@ -86,9 +95,7 @@ class RawSocket:
 
     def close(self, reset: bool = False) -> None:
         if reset:
-            # already closed or not a stream socket: the close() below is all that is left to do
-            with contextlib.suppress(OSError):
-                self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            _arm_reset(self.raw)
         trio.lowlevel.notify_closing(self.raw)
         self.raw.close()
         self.trio.close()
@@ -183,90 +190,77 @@ class TlsConn:
             del self._waiters[writable]
             done.set()
 
-    async def handshake(self) -> None:
+    async def _call(self, op: Callable[..., T], *args: Any) -> T:
+        """Run one non-blocking OpenSSL call, waiting for whichever readiness it asks for."""
         while True:
             try:
-                self._ssl.do_handshake()
+                return op(*args)
             except SSL.WantReadError:
                 await self._wait(writable=False)
             except SSL.WantWriteError:
                 await self._wait(writable=True)
-            except SSL.SysCallError as e:
-                raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
-            except SSL.Error as e:
-                why = verify_failure(self._ssl)
-                detail = f": {why}" if why else ""
-                raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}{detail}") from None
-            else:
-                return
+
+    async def handshake(self) -> None:
+        try:
+            await self._call(self._ssl.do_handshake)
+        except SSL.SysCallError as e:
+            raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            why = verify_failure(self._ssl)
+            detail = f": {why}" if why else ""
+            raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}{detail}") from None
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read as many records as are ready (at least one byte), up to len(buf)."""
-        while True:
-            try:
-                got = self._ssl.recv_into(buf, min(len(buf), TLS_RECORD_BYTES))
-            except SSL.WantReadError:
-                await self._wait(writable=False)
-            except SSL.WantWriteError:
-                await self._wait(writable=True)
-            except SSL.ZeroReturnError:
-                return 0
-            except SSL.SysCallError as e:
-                raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
-            except SSL.Error as e:
-                raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
-            else:
-                break
+        try:
+            got: int = await self._call(self._ssl.recv_into, buf, min(len(buf), TLS_RECORD_BYTES))
+        except SSL.ZeroReturnError:
+            return 0
+        except SSL.SysCallError as e:
+            raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
         # One wakeup, many records: drain what is already here before returning. Only a
         # full record suggests more is queued behind it; after a short one (an RPC
         # message, the tail of a write) another read would just fail with EAGAIN.
         while got < len(buf) and got % TLS_RECORD_BYTES == 0:
             try:
-                more = self._ssl.recv_into(buf[got:], min(len(buf) - got, TLS_RECORD_BYTES))
-            except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
-                break  # the next call reports EOF / waits
+                got += self._ssl.recv_into(buf[got:], min(len(buf) - got, TLS_RECORD_BYTES))
             except SSL.Error:
-                break  # the next call raises it, after these bytes are delivered
-            got += more
+                break  # nothing more now; the next call waits, or reports EOF / the error
         return got
 
     async def send_all(self, data: memoryview) -> None:
-        while data:
-            try:
-                sent = self._ssl.send(data)
-            except SSL.WantWriteError:
-                await self._wait(writable=True)
-                continue
-            except SSL.WantReadError:
-                await self._wait(writable=False)
-                continue
-            except SSL.SysCallError as e:
-                raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
-            except SSL.Error as e:
-                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
-            data = data[sent:]
+        try:
+            while data:
+                data = data[await self._call(self._ssl.send, data) :]
+        except SSL.SysCallError as e:
+            raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
 
     async def send_eof(self) -> None:
         """Send close_notify, then FIN; reading stays possible (TLS 1.3 half-close)."""
-        while True:
-            try:
-                self._ssl.shutdown()
-            except SSL.WantWriteError:
-                await self._wait(writable=True)
-            except SSL.WantReadError:
-                break  # close_notify is out; waiting for the peer's is the reader's job
-            except SSL.SysCallError as e:
-                raise StreamTruncated(f"TLS shutdown failed: {_syscall_reason(e)}") from None
-            except SSL.Error as e:
-                raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
-            else:
-                break
+        try:
+            # SSL_shutdown wants to read only to await the peer's close_notify: that is the
+            # reader's business, so a WantRead here means ours is out
+            while True:
+                try:
+                    self._ssl.shutdown()
+                    break
+                except SSL.WantWriteError:
+                    await self._wait(writable=True)
+        except SSL.WantReadError:
+            pass
+        except SSL.SysCallError as e:
+            raise StreamTruncated(f"TLS shutdown failed: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
         await trio.lowlevel.checkpoint()
         self._sock.shutdown(socket.SHUT_WR)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):  # already closed: the close() below is all there is to do
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        _arm_reset(self._sock)
         self._sock.close()
 
     def close(self) -> None:
