@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class LibvirtHost:
     relay: subprocess.Popen[bytes] | None = None
     pid: int = 0
     logs: list[Path] = field(default_factory=list)
+    ram_dir: Path = Path("/nonexistent")
 
     def path(self, inside: str) -> Path:
         """Where a path inside this host's namespace lives on the real filesystem."""
@@ -73,7 +75,9 @@ class LibvirtHost:
         for d in ("run", "overlay", "var/lib/libvirt/images", "var/log/libvirt/qemu", "var/cache/libvirt"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         shutil.copytree("/etc/libvirt", self.root / "etc/libvirt", dirs_exist_ok=True)
-        (self.root / "etc/libvirt/qemu.conf").write_text(QEMU_CONF)
+        # file-backed guest RAM lives in tmpfs (postcopy can only userfault on shared memory)
+        self.ram_dir = Path(tempfile.mkdtemp(prefix=f"migrelay-{self.name}-ram-", dir="/dev/shm"))
+        (self.root / "etc/libvirt/qemu.conf").write_text(QEMU_CONF + f'memory_backing_dir = "{self.ram_dir}"\n')
         (self.root / "etc/libvirt/libvirtd.conf").write_text(
             f'host_uuid = "{uuid.uuid4()}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
             'log_outputs = "3:stderr"\n'
@@ -138,6 +142,7 @@ class LibvirtHost:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        shutil.rmtree(self.ram_dir, ignore_errors=True)
         if self.pid:
             try:
                 os.kill(self.pid, 0)
@@ -152,6 +157,7 @@ class LibvirtHost:
 DOMAIN_XML = """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
+  {memory_backing}
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
@@ -170,8 +176,25 @@ DISK_XML = """<disk type='file' device='disk'>
     </disk>"""
 
 
-def domain_xml(name: str, memory_mib: int = 96, disk: bool = False) -> str:
-    return DOMAIN_XML.format(name=name, memory_mib=memory_mib, disk=DISK_XML.format(name=name) if disk else "")
+# Guest RAM in a shared file under memory_backing_dir, so a test can fill it.
+FILE_BACKED_RAM = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+
+
+def domain_xml(name: str, memory_mib: int = 96, disk: bool = False, file_ram: bool = False) -> str:
+    return DOMAIN_XML.format(
+        name=name, memory_mib=memory_mib, disk=DISK_XML.format(name=name) if disk else "",
+        memory_backing=FILE_BACKED_RAM if file_ram else "",
+    )  # fmt: skip
+
+
+def fill_guest_ram(host: LibvirtHost, mib: int) -> None:
+    """Random bytes into a running file-backed guest's RAM (above the first MiB, which the BIOS uses)."""
+    files = [p for p in host.ram_dir.rglob("*") if p.is_file()]
+    assert len(files) == 1, f"expected one guest RAM file under {host.ram_dir}: {files}"
+    with files[0].open("r+b") as f:
+        f.seek(1 << 20)
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
 
 
 def overlay_uris(peer: str, migration: str = "migration.sock", nbd: str = "nbd.sock") -> list[str]:
@@ -219,9 +242,9 @@ class Cluster:
         return image
 
 
-def start_transient(c: Cluster, name: str, disk: bool = False) -> None:
+def start_transient(c: Cluster, name: str, disk: bool = False, file_ram: bool = False) -> None:
     xml = c.root / f"{name}.xml"
-    xml.write_text(domain_xml(name, disk=disk))
+    xml.write_text(domain_xml(name, disk=disk, file_ram=file_ram))
     c.a.virsh("create", str(xml))
 
 

@@ -21,6 +21,7 @@ from tests.e2e.libvirt_hosts import (
     cleanup,
     disks_identical,
     domain_xml,
+    fill_guest_ram,
     migrate,
     overlay_uris,
     persistent,
@@ -72,7 +73,10 @@ def memory_moving(jobinfo: str) -> bool:
 def test_postcopy_migration(cluster: Cluster) -> None:
     """--postcopy + virsh migrate-postcopy: the destination runs the guest and pulls pages back."""
     name = "postcopy"
-    start_transient(cluster, name)
+    start_transient(cluster, name, file_ram=True)
+    # 64 MiB that cannot be skipped as zero pages: at 1 MiB/s, precopy cannot finish
+    # before the switch (an idle guest's RAM is nearly all zero pages, sent for free)
+    fill_guest_ram(cluster.a, 64)
     events = subprocess.Popen(
         cluster.b.inside("virsh", "-q", "-c", "qemu:///system", "event", "--all", "--loop", "--timeout", "300"),
         stdout=subprocess.PIPE, text=True,
