@@ -1,6 +1,6 @@
 """Load generator and sink for the benchmarks, run as their own processes.
 
-    python -m relay.bench.load sink PATH             accept; discard (or echo) each connection
+    python -m relay.bench.load sink PATH             accept; discard each stream (echo one that starts with b'P')
     python -m relay.bench.load source PATH N BYTES   N streams of BYTES each, concurrently
     python -m relay.bench.load pingpong PATH COUNT   1 KiB request / 1 KiB answer, COUNT times
 
@@ -77,7 +77,9 @@ def _echo(conn: socket.socket, view: memoryview, have: int) -> None:
 
 
 def source(path: str, streams: int, size: int) -> None:
-    data = memoryview(os.urandom(BUFFER_BYTES))
+    buf = bytearray(os.urandom(BUFFER_BYTES))
+    buf[0] = ord("D")  # a stream starting with b"P" would be taken for a ping-pong (1 run in 256 hung)
+    data = memoryview(buf)
     results: list[dict[str, float]] = []
 
     def one() -> None:
