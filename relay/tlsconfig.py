@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
+from relay import ossl
 from relay.config import TlsFiles
 from relay.errors import PkiError
 
@@ -139,25 +140,6 @@ def resumed(conn: SSL.Connection) -> bool:
     return not _notes(conn).certificate_checked
 
 
-def _whole_writes(ctx: SSL.Context) -> None:
-    """Let one SSL_write send a whole chunk (16 records for 256 KiB), not one record.
-
-    pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE, so each `send` returns after one
-    16 KiB record and the relay loops in Python per record. Without it, OpenSSL loops in
-    C, and on a full socket raises WantWrite and resumes where it stopped when the same
-    chunk is passed again (which TlsConn.send_all does). Same-run A/B (bench/README.md):
-    10-15% less CPU per GB for a TLS pair. pyOpenSSL has no public call to clear a mode,
-    so this uses its own OpenSSL binding; if that ever moves, writes stay correct, only
-    slower (and tests/integration/test_tls_whole_writes.py fails).
-    """
-    try:
-        from OpenSSL._util import lib
-
-        lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    except (ImportError, AttributeError):
-        pass
-
-
 def _context(files: TlsFiles, server: bool) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -169,7 +151,7 @@ def _context(files: TlsFiles, server: bool) -> SSL.Context:
     except SSL.Error as e:
         raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify)
-    _whole_writes(ctx)
+    ossl.whole_writes(ctx)  # one SSL_write per chunk, not per record
     if server:
         ctx.set_session_id(SESSION_ID_CONTEXT)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

@@ -18,11 +18,11 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 from OpenSSL import SSL
 
+from relay import ossl
 from relay.errors import PeerUnavailable, RemoteError
 from relay.tlsconfig import new_notes, verify_failure
 
-# One TLS record carries at most 16 KiB of plaintext; pyOpenSSL's recv_into goes
-# through a temporary buffer of the size asked for, so asking for more only costs.
+# One TLS record carries at most 16 KiB of plaintext, and SSL_read returns one record at most.
 TLS_RECORD_BYTES: Final = 16384
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 T = TypeVar("T")
@@ -130,15 +130,17 @@ class PlainConn:
 class TlsConn:
     """pyOpenSSL over a non-blocking socket (a socket BIO), driven by trio's readiness waits.
 
-    Measured against a memory-BIO variant of this class (one big recv and send per
-    wakeup) in the same bench run on the 2-core test VM: the socket BIO cost 1.5 CPU-s/GB
-    for a relay pair, the memory BIO 2.0-2.4, because pyOpenSSL's bio_read and recv_into
-    allocate and copy on every call. A socket BIO also keeps kernel TLS possible.
+    Records are decrypted straight into the pump's buffer and a whole chunk is
+    encrypted and written per SSL_write (relay/ossl.py). Four designs were measured in
+    same-run A/B benches (bench/README.md): this one, memory BIOs through pyOpenSSL's
+    public API (bio_read allocates and copies twice), memory BIOs with zero-copy calls
+    (no faster, 13 MiB more RSS with 16 streams) and the stdlib's ssl.SSLObject (it
+    links Debian's OpenSSL 3.0, whose AES-GCM runs at 40% of the speed of the OpenSSL
+    in cryptography's wheel). A socket BIO also keeps kernel TLS possible.
 
     Reads and writes run in two tasks (one per direction); an SSL_read may need to
     write (a TLS 1.3 key-update reply) and, in theory, an SSL_write may need to
-    read. trio allows one waiter per fd and direction, so waits go through a lock
-    per direction.
+    read. trio allows one waiter per fd and direction; see `_wait`.
     """
 
     def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection) -> None:
@@ -213,7 +215,7 @@ class TlsConn:
     async def recv_into(self, buf: memoryview) -> int:
         """Read as many records as are ready (at least one byte), up to len(buf)."""
         try:
-            got: int = await self._call(self._ssl.recv_into, buf, min(len(buf), TLS_RECORD_BYTES))
+            got: int = await self._call(ossl.recv_into, self._ssl, buf)
         except SSL.ZeroReturnError:
             return 0
         except SSL.SysCallError as e:
@@ -225,7 +227,7 @@ class TlsConn:
         # message, the tail of a write) another read would just fail with EAGAIN.
         while got < len(buf) and got % TLS_RECORD_BYTES == 0:
             try:
-                got += self._ssl.recv_into(buf[got:], min(len(buf) - got, TLS_RECORD_BYTES))
+                got += ossl.recv_into(self._ssl, buf[got:])
             except SSL.Error:
                 break  # nothing more now; the next call waits, or reports EOF / the error
         return got
