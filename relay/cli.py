@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offline", action="store_true", help="move only the definition of a stopped domain")
     m.add_argument("--bandwidth", type=int, metavar="MiB/s", help="cap the migration bandwidth")
     m.add_argument("--tls", action="store_true", help="QEMU's own TLS inside the relay's (needs QEMU TLS setup)")
+    m.add_argument(
+        "--tls-destination", metavar="NAME", help="name on the destination's QEMU certificate (default: PEER)"
+    )
     control_options(m)
 
     b = sub.add_parser("bench", help="throughput, CPU, latency and memory against socat, stunnel and HAProxy")
@@ -204,6 +207,7 @@ def _migrate(args: argparse.Namespace) -> int:
         offline=args.offline,
         bandwidth_mib_s=args.bandwidth,
         tls=args.tls,
+        tls_destination=args.tls_destination,
     )
 
     def announce(session: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ on the source.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ class MigrateOptions:
     offline: bool = False
     bandwidth_mib_s: int | None = None
     tls: bool = False
+    # the name QEMU checks the destination's certificate against; default: the peer's name
+    tls_destination: str | None = None
 
 
 SESSION_SETTLE_S: Final = 5.0  # after the job, for the session's last streams to close
@@ -62,6 +65,20 @@ class Summary:
             f"migrated in {self.seconds:.1f} s: {self.bytes / MIB:.1f} MiB through the relay at "
             f"{self.mb_per_s:.1f} MB/s, downtime {downtime}"
         )
+
+
+_QEMU_LOG_STAMP: Final = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z\s+")
+
+
+def one_line(message: str) -> str:
+    """libvirt quotes QEMU's stderr, one timestamped line per error: drop the timestamps and
+    the repeats, and join what is left into one line."""
+    lines: list[str] = []
+    for raw in message.splitlines():
+        line = _QEMU_LOG_STAMP.sub("", raw.strip())
+        if line and not any(seen.endswith(line) for seen in lines):
+            lines.append(line)
+    return "; ".join(lines)
 
 
 def _libvirt() -> Any:
@@ -106,6 +123,11 @@ def flags_and_params(lv: Any, options: MigrateOptions, session: dict[str, Any]) 
         params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
     if options.tls:
         flags |= lv.VIR_MIGRATE_TLS
+        # A unix migration URI carries no host name, and QEMU needs one to verify the
+        # destination's certificate: the peer relay's name is the destination host's.
+        params[lv.VIR_MIGRATE_PARAM_TLS_DESTINATION] = options.tls_destination or session["peer"]
+    elif options.tls_destination is not None:
+        raise LocalError("--tls-destination needs --tls")
     return flags, params
 
 
@@ -226,7 +248,7 @@ def _run(
     error = outcome.get("error")
     if error is not None:
         message = error.get_error_message() if isinstance(error, lv.libvirtError) else str(error)
-        raise MigrationFailed(f"migration failed: {message}")
+        raise MigrationFailed(f"migration failed: {one_line(message)}")
     seconds = time.monotonic() - started
     downtime = _completed_stats(lv, dom, desturi).get("downtime")
     return Summary(seconds, 0, int(downtime) if downtime is not None else None)

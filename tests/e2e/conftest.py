@@ -12,7 +12,7 @@ import pytest
 
 from relay import pki
 from relay.net import free_port
-from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, relay_config
+from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, qemu_tls_files, relay_config
 from tests.e2e.procs import ServeProcess, serve
 from tests.support import add_metrics, make_pki, pair_configs, scrape
 
@@ -73,6 +73,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pki.issue(pki_dir, name)
     port_a, port_b, metrics_a, metrics_b = free_port(), free_port(), free_port(), free_port()
     a, b = LibvirtHost("hvA", root / "hvA"), LibvirtHost("hvB", root / "hvB")
+    for host in (a, b):
+        host.qemu_pki = qemu_tls_files(pki_dir, host.name, root / f"{host.name}-qemu-pki")
     try:
         a.start()
         b.start()

@@ -60,6 +60,7 @@ class LibvirtHost:
     pid: int = 0
     logs: list[Path] = field(default_factory=list)
     ram_dir: Path = Path("/nonexistent")
+    qemu_pki: Path | None = None  # QEMU's own TLS files (VIR_MIGRATE_TLS), if any
 
     def path(self, inside: str) -> Path:
         """Where a path inside this host's namespace lives on the real filesystem."""
@@ -77,7 +78,10 @@ class LibvirtHost:
         shutil.copytree("/etc/libvirt", self.root / "etc/libvirt", dirs_exist_ok=True)
         # file-backed guest RAM lives in tmpfs (postcopy can only userfault on shared memory)
         self.ram_dir = Path(tempfile.mkdtemp(prefix=f"migrelay-{self.name}-ram-", dir="/dev/shm"))
-        (self.root / "etc/libvirt/qemu.conf").write_text(QEMU_CONF + f'memory_backing_dir = "{self.ram_dir}"\n')
+        qemu_conf = QEMU_CONF + f'memory_backing_dir = "{self.ram_dir}"\n'
+        if self.qemu_pki is not None:
+            qemu_conf += f'default_tls_x509_cert_dir = "{self.qemu_pki}"\n'
+        (self.root / "etc/libvirt/qemu.conf").write_text(qemu_conf)
         (self.root / "etc/libvirt/libvirtd.conf").write_text(
             f'host_uuid = "{uuid.uuid4()}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
             'log_outputs = "3:stderr"\n'
@@ -178,6 +182,19 @@ DISK_XML = """<disk type='file' device='disk'>
 
 # Guest RAM in a shared file under memory_backing_dir, so a test can fill it.
 FILE_BACKED_RAM = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+
+
+def qemu_tls_files(pki_dir: Path, name: str, folder: Path) -> Path:
+    """The files libvirt hands QEMU for TLS migrations, from the relays' CA and this host's certificate.
+
+    migrelay's certificates serve as server and client, so one pair fills both roles.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki_dir / "ca.pem", folder / "ca-cert.pem")
+    for role in ("server", "client"):
+        shutil.copy(pki_dir / f"{name}.pem", folder / f"{role}-cert.pem")
+        shutil.copy(pki_dir / f"{name}-key.pem", folder / f"{role}-key.pem")
+    return folder
 
 
 def domain_xml(name: str, memory_mib: int = 96, disk: bool = False, file_ram: bool = False) -> str:

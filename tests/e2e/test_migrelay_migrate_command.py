@@ -54,6 +54,30 @@ def test_migrate_with_disk_copy(cluster: Cluster) -> None:
         cleanup(cluster, name)
 
 
+def test_migrate_with_qemu_tls_checks_the_destination_name(cluster: Cluster) -> None:
+    """--tls: QEMU's own TLS inside the relay's; a unix migration URI names no host, so the
+    command gives QEMU the peer's name to check the destination's certificate against."""
+    name = "cmd-tls"
+    start_transient(cluster, name)
+    try:
+        proc = migrelay_migrate(cluster, name, "hvB", "--tls", "--tls-destination", "not-hvB")
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode != 0, err
+        # libvirt reports whichever side failed first: the source's certificate check, or the
+        # destination QEMU reading a TLS channel the source gave up on; either way one line
+        assert "Certificate does not match the hostname not-hvB" in err or "TLS channel" in err, err
+        assert len(err.strip().splitlines()) == 2, err  # "session ..." and the error
+        assert state(cluster.a, name) == "running" and state(cluster.b, name) == "absent"
+        proc = migrelay_migrate(cluster, name, "hvB", "--tls")
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert out.startswith(f"{name} -> hvB: migrated in "), out
+        assert state(cluster.b, name) == "running" and state(cluster.a, name) == "absent"
+        assert open_sessions(cluster) == []
+    finally:
+        cleanup(cluster, name)
+
+
 def test_two_migrate_commands_at_once(cluster: Cluster) -> None:
     names = ["cmd-one", "cmd-two"]
     for name in names:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from relay.errors import LocalError
-from relay.libvirt_helper import MigrateOptions, flags_and_params
+from relay.libvirt_helper import MigrateOptions, flags_and_params, one_line
 
 libvirt = pytest.importorskip("libvirt", reason="the libvirt extra is installed by `make test`")
 
 SESSION = {
+    "id": "ab12",
+    "peer": "hv2",
     "desturi": "qemu+unix:///system?socket=/run/migrelay/hv2/libvirt.sock",
     "migrateuri": "unix:///run/migrelay/hv2/ab12-migration.sock",
     "disks_uri": "unix:///run/migrelay/hv2/ab12-nbd.sock",
@@ -34,6 +36,13 @@ def test_every_option_maps() -> None:
     assert params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] == ["vda", "vdb"]
     assert params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] == 4
     assert params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 100
+    # the unix migration URI names no host: QEMU verifies the destination as the peer
+    assert params[libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION] == SESSION["peer"]
+
+
+def test_tls_destination_overrides_the_peer_name() -> None:
+    _, params = flags_and_params(libvirt, MigrateOptions(tls=True, tls_destination="hv2.example.org"), SESSION)
+    assert params[libvirt.VIR_MIGRATE_PARAM_TLS_DESTINATION] == "hv2.example.org"
 
 
 def test_offline_is_not_live_and_keeps_a_definition() -> None:
@@ -44,8 +53,26 @@ def test_offline_is_not_live_and_keeps_a_definition() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [MigrateOptions(offline=True, copy_storage_all=True), MigrateOptions(copy_storage_all=True, copy_storage_inc=True)],
+    [
+        MigrateOptions(offline=True, copy_storage_all=True),
+        MigrateOptions(copy_storage_all=True, copy_storage_inc=True),
+        MigrateOptions(tls_destination="hv2"),
+    ],
 )
 def test_contradictions_are_local_errors(options: MigrateOptions) -> None:
     with pytest.raises(LocalError):
         flags_and_params(libvirt, options, SESSION)
+
+
+def test_qemu_errors_quoted_by_libvirt_become_one_line() -> None:
+    message = (
+        "internal error: qemu unexpectedly closed the monitor: 2026-11-26T13:53:59.871596Z "
+        "qemu-system-x86_64: Cannot read from TLS channel: Input/output error\n"
+        "2026-11-26T13:53:59.871676Z qemu-system-x86_64: Cannot read from TLS channel: Input/output error\n"
+        "2026-11-26T13:53:59.871741Z qemu-system-x86_64: Not a migration stream\n"
+    )
+    assert one_line(message) == (
+        "internal error: qemu unexpectedly closed the monitor: "
+        "qemu-system-x86_64: Cannot read from TLS channel: Input/output error; "
+        "qemu-system-x86_64: Not a migration stream"
+    )
