@@ -19,7 +19,7 @@ tests/integration/test_tls_fast_paths.py fails, so the loss is seen.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from OpenSSL import SSL
 
@@ -29,7 +29,7 @@ try:
 
     FAST: bool = all(
         hasattr(_lib, name) for name in ("SSL_CTX_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE", "SSL_read")
-    ) and all(hasattr(SSL.Connection, name) for name in ("_raise_ssl_error",))
+    ) and hasattr(SSL.Connection, "_raise_ssl_error")
 except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
     _ffi = _lib = None
     FAST = False
@@ -50,8 +50,9 @@ def _recv_into_fast(conn: SSL.Connection, buf: memoryview) -> int:
 
 
 def _recv_into_public(conn: SSL.Connection, buf: memoryview) -> int:
-    return conn.recv_into(buf, len(buf))
+    # its temporary buffer is as large as what is asked for, and a record is 16 KiB at most
+    return conn.recv_into(buf, min(len(buf), 16384))
 
 
-recv_into: Any = _recv_into_fast if FAST else _recv_into_public
-"""SSL_read into buf (one record at most): the byte count, or pyOpenSSL's exceptions."""
+# SSL_read into buf (one record at most): the byte count, or pyOpenSSL's exceptions.
+recv_into: Callable[[SSL.Connection, memoryview], int] = _recv_into_fast if FAST else _recv_into_public

@@ -20,9 +20,9 @@ import trio
 from relay.datapath.conn import Conn, StreamTruncated
 from relay.errors import RemoteError
 
-# 256 KiB rather than 1 MiB: in three interleaved same-run A/B rounds (bench/README.md) a
-# 1 MiB pipe gave 0.88x socat's MB/s on the tcp pair and 0.86x on the unix pair, 256 KiB
-# gave 0.99x and 0.95x, at 4-10% less CPU per GB; 64 KiB was clearly worse. What a pipe
+# 256 KiB rather than 1 MiB: in five interleaved same-run A/B rounds (bench/README.md)
+# it gave 0.89-1.21x socat's MB/s on the tcp pair (1 MiB: 0.77-0.92x) and 0.91-0.96x on
+# the unix pair (0.84-0.87x), at less CPU per GB; 64 KiB was clearly worse. What a pipe
 # holds should stay in cache between the splice in and the splice out.
 PIPE_SIZE_BYTES: Final = 256 * 1024
 # A pump that never has to wait still lets other streams run once it has moved this much

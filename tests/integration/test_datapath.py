@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay import ossl
 from relay.config import TlsFiles
 from relay.datapath import Conn, Meter, PlainConn, StreamBroken, TlsConn, relay
 from relay.tlsconfig import client_context, server_context
 from tests.support import make_pki, pattern
 
-VARIANTS = ["splice", "copy", "tls"]
+# tls-public: the TLS pump on pyOpenSSL's public recv_into, the fallback of relay/ossl.py
+VARIANTS = ["splice", "copy", "tls", "tls-public"]
 
 
 async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
@@ -46,14 +48,18 @@ class Harness:
 
 
 @pytest.fixture(params=VARIANTS)
-async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Harness]:
     variant: str = request.param
+    if variant == "tls-public":
+        monkeypatch.setattr(ossl, "recv_into", ossl._recv_into_public)
     app_a_raw, end_a_raw = await tcp_pair()
     end_b_raw, app_b_raw = await tcp_pair()
     end_a: Conn = PlainConn(end_a_raw)
     end_b: Conn
     app_b: Conn
-    if variant == "tls":
+    if variant.startswith("tls"):
         p = make_pki(tmp_path)
         files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
         end_b_tls = TlsConn.client(end_b_raw, client_context(files))
