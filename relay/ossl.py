@@ -20,8 +20,12 @@ tests/integration/test_tls_fast_paths.py fails, so the loss is seen.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from OpenSSL import SSL
+
+# One TLS record carries at most 16 KiB of plaintext, and SSL_read returns one record at most.
+TLS_RECORD_BYTES: Final = 16384
 
 try:
     from OpenSSL._util import ffi as _ffi
@@ -50,8 +54,8 @@ def _recv_into_fast(conn: SSL.Connection, buf: memoryview) -> int:
 
 
 def _recv_into_public(conn: SSL.Connection, buf: memoryview) -> int:
-    # its temporary buffer is as large as what is asked for, and a record is 16 KiB at most
-    return conn.recv_into(buf, min(len(buf), 16384))
+    # its temporary buffer is as large as what is asked for: ask for one record at most
+    return conn.recv_into(buf, min(len(buf), TLS_RECORD_BYTES))
 
 
 # SSL_read into buf (one record at most): the byte count, or pyOpenSSL's exceptions.

@@ -22,8 +22,6 @@ from relay import ossl
 from relay.errors import PeerUnavailable, RemoteError
 from relay.tlsconfig import new_notes, verify_failure
 
-# One TLS record carries at most 16 KiB of plaintext, and SSL_read returns one record at most.
-TLS_RECORD_BYTES: Final = 16384
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 T = TypeVar("T")
 
@@ -225,7 +223,7 @@ class TlsConn:
         # One wakeup, many records: drain what is already here before returning. Only a
         # full record suggests more is queued behind it; after a short one (an RPC
         # message, the tail of a write) another read would just fail with EAGAIN.
-        while got < len(buf) and got % TLS_RECORD_BYTES == 0:
+        while got < len(buf) and got % ossl.TLS_RECORD_BYTES == 0:
             try:
                 got += ossl.recv_into(self._ssl, buf[got:])
             except SSL.Error:
