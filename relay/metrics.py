@@ -48,6 +48,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.internal_errors = Counter(
+            "migrelay_internal_errors",
+            "Unexpected exceptions caught in a per-connection task (a bug: the log has the traceback).",
+            ["where"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "migrelay_refused",
+            "Connections closed or refused by a limit or a local policy, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.streams_closed = Counter(
+            "migrelay_streams_closed",
+            "Forwarded connections that ended after carrying bytes: result ok (clean end) or failed (aborted).",
+            ["peer", "channel", "result"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -137,8 +137,10 @@ async def _pump(
         await relay(local, remote, tx, rx, allow_splice=ctx.allow_splice)
     except StreamBroken as e:
         log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, e)
+        ctx.metrics.streams_closed.labels(peer, channel, "failed").inc()
     else:
         log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)
+        ctx.metrics.streams_closed.labels(peer, channel, "ok").inc()
     finally:
         active.dec()
         if activity is not None:
