@@ -10,6 +10,24 @@ from __future__ import annotations
 
 from typing import Final
 
+# How much of a string someone else chose (a socket name, a refusal reason, a
+# certificate subject) reaches a log line or an error message.
+QUOTE_CHARS: Final = 120
+
+
+def printable(text: str | bytes, limit: int = QUOTE_CHARS) -> str:
+    """`text` for a log line: control and non-printable characters escaped, at most `limit` chars.
+
+    Whatever a peer or a client sent goes through this before it is logged, so it cannot
+    forge log lines (newlines, terminal escapes, bidi overrides) or flood the journal.
+    """
+    if isinstance(text, bytes):
+        text = text.decode(errors="backslashreplace")
+    escaped = "".join(
+        ch if ch.isprintable() and ch != "\\" else ch.encode("unicode_escape").decode("ascii") for ch in text[:limit]
+    )
+    return escaped + "…" if len(text) > limit else escaped
+
 
 class RelayError(Exception):
     """Base of every error migrelay raises on purpose."""
@@ -67,6 +85,10 @@ class Refused(RemoteError):
 
 class MigrationInterrupted(RemoteError):
     """The user interrupted a migration; it was aborted and the guest stays where it was."""
+
+
+class BadCertificate(RemoteError):
+    """The other side presented a certificate that passed OpenSSL but cannot be read."""
 
 
 class PeerUnavailable(RemoteError):

@@ -19,7 +19,7 @@ from OpenSSL import SSL, crypto
 
 from relay import ossl
 from relay.config import TlsFiles
-from relay.errors import PkiError
+from relay.errors import BadCertificate, PkiError, printable
 
 # Lets pyOpenSSL/OpenSSL resume TLS 1.3 sessions across our many short connections.
 SESSION_ID_CONTEXT: Final = b"migrelay"
@@ -121,13 +121,30 @@ def _notes(conn: SSL.Connection) -> HandshakeNotes:
 
 
 def _note_verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-    """Keep OpenSSL's verdict; remember that a certificate was checked and why it failed."""
-    notes = _notes(conn)
-    notes.certificate_checked = True
-    if not ok and notes.failure is None:
-        subject = cert.to_cryptography().subject.rfc4514_string() or "?"
-        notes.failure = f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {subject})"
+    """Keep OpenSSL's verdict; remember that a certificate was checked and why it failed.
+
+    OpenSSL calls this in the middle of a handshake, and pyOpenSSL re-raises whatever
+    escapes it from do_handshake as a non-SSL exception. So it never raises: the
+    certificate comes from whoever connected, and OpenSSL parses certificates that the
+    cryptography package refuses (an out-of-range version field, for one).
+    """
+    try:
+        notes = _notes(conn)
+        notes.certificate_checked = True
+        if not ok and notes.failure is None:
+            notes.failure = f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {_subject(cert)})"
+    except Exception:
+        return False  # we could not even take notes: refuse rather than guess
     return bool(ok)
+
+
+def _subject(cert: crypto.X509) -> str:
+    """The subject, escaped for a log line (the peer chose every byte of it)."""
+    try:
+        subject = cert.to_cryptography().subject.rfc4514_string()
+    except Exception as e:
+        return f"unreadable: {printable(str(e))}"
+    return printable(subject) or "?"
 
 
 def verify_failure(conn: SSL.Connection) -> str | None:
@@ -171,11 +188,18 @@ def client_context(files: TlsFiles) -> SSL.Context:
 
 
 def peer_cert_names(conn: SSL.Connection) -> frozenset[str]:
-    """SAN DNS names of the (already verified) certificate the other side presented."""
+    """SAN DNS names of the (already verified) certificate the other side presented.
+
+    Raises BadCertificate if it cannot be read: OpenSSL accepted it, but the cryptography
+    package may still refuse it (a CA can sign odd certificates too).
+    """
     cert = conn.get_peer_certificate()
     if cert is None:
         return frozenset()
-    return cert_names(cert.to_cryptography())
+    try:
+        return cert_names(cert.to_cryptography())
+    except Exception as e:
+        raise BadCertificate(f"the peer's certificate cannot be read: {printable(str(e))}") from None
 
 
 __all__ = ["Identity", "cert_names", "client_context", "load_identity", "peer_cert_names", "server_context"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import socket
 from dataclasses import dataclass
@@ -142,3 +143,52 @@ def add_metrics(config_path: Path) -> int:
     port = free_port()
     config_path.write_text(config_path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
     return port
+
+
+def _tlv(der: bytes, at: int) -> tuple[int, int]:
+    """(start of content, end) of the DER element at `at`."""
+    length = der[at + 1]
+    if length < 0x80:
+        return at + 2, at + 2 + length
+    n = length & 0x7F
+    size = int.from_bytes(der[at + 2 : at + 2 + n], "big")
+    return at + 2 + n, at + 2 + n + size
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def odd_version_certificate(ca_dir: Path, name: str, version: int = 5) -> tuple[Path, Path]:
+    """A certificate for `name` from the CA in ca_dir whose version field says v`version+1`, correctly signed.
+
+    OpenSSL parses and verifies it; the cryptography package refuses it (InvalidVersion).
+    Written as CA_DIR/NAME-odd.pem with the key CA_DIR/NAME-odd-key.pem.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert_path, key_path = pki.issue(ca_dir, f"{name}-odd", dns=[name])
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca-key.pem").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    tbs = bytearray(cert.tbs_certificate_bytes)
+    # TBSCertificate ::= SEQUENCE { [0] EXPLICIT INTEGER version, ... }: A0 03 02 01 <v>
+    start, _ = _tlv(bytes(tbs), 0)
+    assert tbs[start : start + 4] == b"\xa0\x03\x02\x01", "version field not where expected"
+    tbs[start + 4] = version
+    der = cert.public_bytes(serialization.Encoding.DER)
+    body, _ = _tlv(der, 0)
+    _, tbs_end = _tlv(der, body)
+    _, alg_end = _tlv(der, tbs_end)
+    algorithm = der[tbs_end:alg_end]
+    signature = ca_key.sign(bytes(tbs), ec.ECDSA(hashes.SHA256()))
+    odd = _der(0x30, bytes(tbs) + algorithm + _der(0x03, b"\x00" + signature))
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(odd) + b"-----END CERTIFICATE-----\n"
+    cert_path.write_bytes(pem)
+    return cert_path, key_path

@@ -1,0 +1,67 @@
+"""The rule that keeps one connection from ending the daemon, written once.
+
+Every per-connection task (a peer connection, an overlay client, a forwarded stream,
+a /metrics or control request) runs inside `contained()`: whatever escapes the
+task's own error handling is a bug, and a bug in one connection must cost that
+connection only. It is logged once with its traceback, counted in
+`migrelay_internal_errors_total{where}`, the task's sockets are closed, and every
+other stream goes on. Cancellation (shutdown) is not an error and passes through.
+
+Reasons for closing or refusing connections that an attacker can trigger at will
+are logged through `RateLimitedLog`, so they cannot flood the journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+from prometheus_client import Counter
+
+log = logging.getLogger("migrelay.guard")
+
+# A reason for closing or refusing connections is logged at most this often.
+LOG_EVERY_S: Final = 1.0
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def contained(where: str, errors: Counter, *closables: Closable) -> Iterator[None]:
+    """Run one connection's work; an unexpected exception ends this connection, nothing else."""
+    try:
+        yield
+    except Exception:
+        log.exception("internal error in %s; this connection is closed, the relay goes on", where)
+        errors.labels(where).inc()
+        for c in closables:
+            # closing is best effort here: the task already failed, and a second failure
+            # while cleaning up must not escape the guard
+            with contextlib.suppress(Exception):
+                c.close()
+
+
+class RateLimitedLog:
+    """Log a warning per reason at most once every LOG_EVERY_S, saying how many were not logged."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+        self._log = logger
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self._every_s:
+            self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        skipped = self._skipped.pop(reason, 0)
+        suffix = f" ({skipped} more like it not logged)" if skipped else ""
+        self._log.warning(message + suffix, *args)

@@ -1,0 +1,138 @@
+"""Whatever answers or connects on the TLS port ends its own connection, never the relay.
+
+A certificate that OpenSSL parses but the cryptography package refuses (a version
+field out of range) once made the verify callback raise, and pyOpenSSL re-raised it
+from the handshake: one packet from anyone on the network ended every migration in
+flight. Here each such peer is tried while a good stream is running, and the good
+stream must finish byte-exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from OpenSSL import SSL
+
+from relay import config
+from relay.config import Config, TlsFiles
+from relay.datapath import TlsConn
+from relay.errors import RemoteError
+from relay.net import free_port
+from relay.protocol import Request, encode_request
+from relay.tlsconfig import client_context
+from tests.integration.test_relays import counted, echo_server, eventually, running
+from tests.support import Pki, connect, listen, make_pki, odd_version_certificate, pair_configs
+
+
+@pytest.fixture
+def p(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+async def with_good_stream_in_flight(tmp_path: Path, body: Callable[[], Awaitable[None]]) -> None:
+    """Run `body` while a stream through hvA -> hvB is half sent; then finish it and check it."""
+    async with trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        good = await connect(tmp_path / "hvA/hvB/migration.sock")
+        await good.send(b"before the attack, ")
+        await body()
+        await good.send(b"after it")
+        good.shutdown(socket.SHUT_WR)
+        with trio.fail_after(10):
+            assert (await good.recv(100)).decode() == hashlib.sha256(b"before the attack, after it").hexdigest()
+        good.close()
+        servers.cancel_scope.cancel()
+
+
+async def dial_with(b: Config, cert: Path, key: Path, ca: Path) -> TlsConn:
+    ctx = client_context(TlsFiles(ca, cert, key))
+    addr = b.listen[0]
+    sock = trio.socket.socket()
+    await sock.connect((addr.host, addr.port))
+    conn = TlsConn.client(sock, ctx)
+    await conn.handshake()
+    return conn
+
+
+@pytest.mark.parametrize("issuer", ["another CA", "our CA"])
+async def test_a_client_certificate_cryptography_cannot_read_ends_only_its_connection(
+    tmp_path: Path, p: Pki, issuer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    ca_dir = p.other_ca if issuer == "another CA" else p.dir
+    cert, key = odd_version_certificate(ca_dir, "hvA")
+    async with running(a, b) as (_, rb):
+
+        async def attack() -> None:
+            with pytest.raises(RemoteError):
+                conn = await dial_with(b, cert, key, p.dir / "ca.pem")
+                # TLS 1.3: the client hears the server's verdict on its first read
+                await conn.send_all(memoryview(encode_request(Request("hvA", "migration.sock", 1))))
+                with trio.fail_after(5):
+                    got = await conn.recv_into(memoryview(bytearray(100)))
+                assert got == 0, "the relay answered a peer whose certificate it cannot read"
+                raise RemoteError("closed without an answer")
+            await eventually(lambda: counted(rb, "migrelay_connections_total", peer="unknown", result="failed") == 1)
+
+        await with_good_stream_in_flight(tmp_path, attack)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    expected = "unreadable: 5 is not a valid X509 version" if issuer == "another CA" else "cannot be read"
+    assert expected in messages
+
+
+class FakePeer:
+    """Something else answering at a peer's address: a TLS server with a certificate of its choice."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = SSL.Context(SSL.TLS_METHOD)
+        self.ctx.use_certificate_chain_file(str(cert))
+        self.ctx.use_privatekey_file(str(key))
+        self.port = free_port()
+        self.handshakes = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        task_status.started()
+        with listener:
+            while True:
+                sock, _ = await listener.accept()
+                conn = TlsConn.server(sock, self.ctx)
+                try:
+                    with trio.move_on_after(5):
+                        await conn.handshake()
+                except RemoteError:
+                    pass  # the relay refused us, as it should
+                self.handshakes += 1
+                conn.close()
+
+
+@pytest.mark.parametrize("issuer", ["another CA", "our CA"])
+async def test_a_server_certificate_cryptography_cannot_read_fails_only_that_dial(
+    tmp_path: Path, p: Pki, issuer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hvA dials hvB's address and something else answers there, with an unreadable certificate."""
+    ca_dir = p.other_ca if issuer == "another CA" else p.dir
+    fake = FakePeer(*odd_version_certificate(ca_dir, "hvB"))
+    pair_configs(tmp_path, p, "tls")
+    text = (tmp_path / "hvA.toml").read_text()
+    real_address = config.load(tmp_path / "hvB.toml").listen[0]
+    (tmp_path / "hvA.toml").write_text(text.replace(f"{real_address.port}", f"{fake.port}"))
+    a = config.load(tmp_path / "hvA.toml")
+    async with running(a) as (ra,), trio.open_nursery() as n:
+        await n.start(fake.serve)
+        for _ in range(2):  # the relay survives the first and fails the second the same way
+            sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+            with trio.fail_after(10):
+                assert await sock.recv(10) == b""
+            sock.close()
+        assert counted(ra, "migrelay_connections_total", peer="hvB", result="failed") == 2
+        n.cancel_scope.cancel()
+    assert fake.handshakes == 2
+    assert "cannot be read" in caplog.text or "unreadable: 5 is not a valid X509 version" in caplog.text
