@@ -32,18 +32,30 @@ class Closable(Protocol):
 
 
 @contextlib.contextmanager
-def contained(where: str, errors: Counter, *closables: Closable) -> Iterator[None]:
-    """Run one connection's work; an unexpected exception ends this connection, nothing else."""
+def contained(where: str, errors: Counter, *closables: Closable) -> Iterator[list[Closable]]:
+    """Run one connection's work; an unexpected exception ends this connection, nothing else.
+
+    Yields the list of what to close if that happens; the task appends the sockets it
+    opens on the way (a target it connected, a dialled peer).
+    """
+    owned = list(closables)
     try:
-        yield
+        yield owned
     except Exception:
         log.exception("internal error in %s; this connection is closed, the relay goes on", where)
         errors.labels(where).inc()
-        for c in closables:
-            # closing is best effort here: the task already failed, and a second failure
-            # while cleaning up must not escape the guard
-            with contextlib.suppress(Exception):
-                c.close()
+        _close_all(owned)
+    except BaseException:  # cancelled (shutdown past its drain deadline): nothing to report
+        _close_all(owned)
+        raise
+
+
+def _close_all(owned: list[Closable]) -> None:
+    for c in owned:
+        # best effort: the task already failed, and a second failure while cleaning up
+        # must not escape the guard (a socket the task closed itself is closed again: a no-op)
+        with contextlib.suppress(Exception):
+            c.close()
 
 
 class RateLimitedLog:

@@ -13,6 +13,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from relay.config import Address
+from relay.guard import contained
 
 log = logging.getLogger("migrelay.metrics")
 
@@ -80,7 +81,8 @@ async def serve_metrics(
         task_status.started()
 
         async def handler(stream: trio.SocketStream) -> None:
-            await _answer(stream, metrics)
+            with contained("metrics", metrics.internal_errors, stream.socket):
+                await _answer(stream, metrics)
 
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
@@ -90,7 +92,10 @@ async def _answer(stream: trio.abc.Stream, metrics: Metrics) -> None:
         request = b""
         with trio.move_on_after(HTTP_REQUEST_TIMEOUT_S):
             while b"\r\n\r\n" not in request and len(request) < MAX_HTTP_REQUEST_BYTES:
-                chunk = await stream.receive_some(MAX_HTTP_REQUEST_BYTES)
+                try:
+                    chunk = await stream.receive_some(MAX_HTTP_REQUEST_BYTES)
+                except (trio.BrokenResourceError, OSError):
+                    return  # the client reset the connection mid-request: nobody to answer
                 if not chunk:
                     break
                 request += chunk
@@ -108,5 +113,5 @@ async def _answer(stream: trio.abc.Stream, metrics: Metrics) -> None:
         )
         try:
             await stream.send_all(head + body)
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, OSError):
             log.debug("metrics client went away before the answer was sent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -13,11 +14,22 @@ import trio
 
 from relay.config import Address
 from relay.errors import LocalError
+from relay.guard import RateLimitedLog
+
+log = logging.getLogger("migrelay.net")
+_capacity_log = RateLimitedLog(log)
+
+
+class ListenerFailed(LocalError):
+    """One of the relay's own listening sockets cannot accept any more."""
+
 
 LISTEN_BACKLOG: Final = 128
 # Accept loops retry on these (a full fd table is a capacity problem, not a bug).
 CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CAPACITY_BACKOFF_S: Final = 0.1
+# ...and go on after these: they concern one connection, not the listener.
+CONNECTION_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 UNIX_SEND_BUFFER_BYTES: Final = 2 << 20
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; Python's socket module lacks the name
 
@@ -129,20 +141,41 @@ async def dial(address: Address) -> trio.socket.SocketType:
 
 
 async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
-    """Accept one connection; on capacity errors back off and retry, anything else propagates."""
+    """Accept one connection.
+
+    Capacity errors (out of fds or memory) pause accepting for a moment, as trio's own
+    accept loop does: the connections wait in the backlog meanwhile. A connection that
+    died in the backlog (ECONNABORTED), a protocol error on it (EPROTO) or a firewall
+    verdict (EPERM) concern that connection only. Anything else means this listener
+    cannot go on: ListenerFailed, which ends the daemon with one line.
+    """
     while True:
         try:
             sock, _ = await listener.accept()
         except OSError as e:
-            if e.errno not in CAPACITY_ERRNOS:
-                raise
-            await trio.sleep(CAPACITY_BACKOFF_S)
+            if e.errno in CAPACITY_ERRNOS:
+                _capacity_log.warning(str(e.errno), "cannot accept: %s; pausing %.1fs", e.strerror, CAPACITY_BACKOFF_S)
+                await trio.sleep(CAPACITY_BACKOFF_S)
+                continue
+            if e.errno in CONNECTION_ERRNOS:
+                continue
+            raise ListenerFailed(f"listener {_describe(listener)} failed: {e.strerror or e}") from None
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                _tune_tcp(sock)
+            elif sock.family == socket.AF_UNIX:
+                _tune_unix(sock)
+        except OSError:
+            sock.close()  # it died already (ECONNRESET on a setsockopt): the next one
             continue
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            _tune_tcp(sock)
-        elif sock.family == socket.AF_UNIX:
-            _tune_unix(sock)
         return sock
+
+
+def _describe(listener: trio.socket.SocketType) -> str:
+    try:
+        return str(listener.getsockname())
+    except OSError:
+        return f"fd {listener.fileno()}"
 
 
 async def _bound_address(address: Address) -> object:

@@ -33,7 +33,9 @@ from relay.errors import (
     ProtocolError,
     Refused,
     RemoteError,
+    printable,
 )
+from relay.guard import Closable, contained
 from relay.metrics import Metrics
 from relay.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
 from relay.protocol import Reply, ReplyReader, Request, RequestReader, UnsupportedVersion, encode_reply, encode_request
@@ -125,6 +127,19 @@ async def _pump(
     activity: Activity | None = None,
 ) -> None:
     """Run the data path for an established connection, with metrics and one log line at the end."""
+    with contained("stream", ctx.metrics.internal_errors, local, remote):
+        await _pump_counted(ctx, peer, name, local, remote, stream, activity)
+
+
+async def _pump_counted(
+    ctx: RelayContext,
+    peer: str,
+    name: str,
+    local: Conn,
+    remote: Conn,
+    stream: str,
+    activity: Activity | None,
+) -> None:
     if activity is not None:
         activity.active += 1
     channel = ctx.channel_label(peer, name)
@@ -165,11 +180,12 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
         raw = await net.dial(address)
     except OSError as e:
         raise PeerUnavailable(f"cannot reach {peer.name} at {address}: {e.strerror or e}") from None
-    conn: Conn = PlainConn(raw)
+    conn: Conn | None = None
     try:
         if address.kind == "tls":
             assert ctx.client_tls is not None
             tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_sessions.get(peer.name))
+            conn = tls
             tls.ssl.set_tlsext_host_name(peer.name.encode())
             await tls.handshake()
             ctx.count_handshake("client", tls)
@@ -178,7 +194,8 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
                 raise PeerUnavailable(
                     f"certificate at {address} names {', '.join(sorted(names)) or 'nothing'}, not {peer.name}"
                 )
-            conn = tls
+        else:
+            conn = PlainConn(raw)
         await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
         reply = await read_header(conn, ReplyReader())
         assert isinstance(reply, Reply)
@@ -188,7 +205,10 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
             ctx.tls_sessions[peer.name] = session
         return conn
     except BaseException:
-        raw.close()
+        if conn is not None:
+            conn.close()  # a PlainConn also holds a duplicate of the fd
+        else:
+            raw.close()
         raise
 
 
@@ -210,25 +230,46 @@ async def accept_outbound_loop(
         client = await net.accept(listener)
         if activity is not None:
             activity.touch()
-        stream_id = ctx.next_stream_id()
-        stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
-        try:
-            with trio.fail_after(ctx.config.handshake_timeout_s):
-                remote = await open_outbound(ctx, peer, name, stream_id)
-        except Refused as e:
-            log.warning("%s: refused by %s: %s", stream, peer.name, e)
-            ctx.count(peer.name, name, "refused")
-            client.close()
-            continue
-        except (RemoteError, OSError, trio.TooSlowError) as e:
-            reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
-            log.warning("%s: failed: %s", stream, reason)
-            ctx.count(peer.name, name, "failed")
-            client.close()
-            continue
-        ctx.count(peer.name, name, "ok")
-        log.info("%s: open", stream)
-        streams.start_soon(_pump, ctx, peer.name, name, PlainConn(client), remote, stream, activity)
+        with contained("overlay-client", ctx.metrics.internal_errors, client):
+            await _forward(ctx, client, peer, name, streams, activity)
+
+
+async def _forward(
+    ctx: RelayContext,
+    client: trio.socket.SocketType,
+    peer: PeerConfig,
+    name: str,
+    streams: trio.Nursery,
+    activity: Activity | None,
+) -> None:
+    """Connect one accepted overlay client to the peer, then hand both ends to a pump task."""
+    stream_id = ctx.next_stream_id()
+    stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
+    try:
+        with trio.fail_after(ctx.config.handshake_timeout_s):
+            remote = await open_outbound(ctx, peer, name, stream_id)
+    except Refused as e:
+        log.warning("%s: refused by %s: %s", stream, peer.name, printable(str(e)))
+        ctx.count(peer.name, name, "refused")
+        client.close()
+        return
+    except (RemoteError, OSError, trio.TooSlowError) as e:
+        reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+        log.warning("%s: failed: %s", stream, reason)
+        ctx.count(peer.name, name, "failed")
+        client.close()
+        return
+    try:
+        local = PlainConn(client)
+    except OSError as e:  # no fd left for its duplicate
+        log.warning("%s: failed: %s", stream, e.strerror)
+        ctx.count(peer.name, name, "failed")
+        client.close()
+        remote.abort()
+        return
+    ctx.count(peer.name, name, "ok")
+    log.info("%s: open", stream)
+    streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, activity)
 
 
 # --- inbound: destination side -------------------------------------------------------
@@ -315,22 +356,26 @@ class _Answerable(Exception):
 
 async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str) -> None:
     """Serve one connection from a peer relay, start to end."""
+    with contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
+        await _serve_inbound(ctx, raw, kind, remote, owned)
+
+
+async def _serve_inbound(
+    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str, owned: list[Closable]
+) -> None:
     who = f"{remote} ({kind})"
     try:
         with trio.fail_after(ctx.config.handshake_timeout_s):
             conn, peer, request = await _accept_request(ctx, raw, kind)
-            stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {request.name}"
+            stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
             try:
                 target = await _open_target(ctx, request.name)
             except Refused as e:
                 raise _Answerable(conn, e.status, e.reason, request) from None
-            try:
-                await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
-            except BaseException:
-                target.close()
-                raise
+            owned.append(target)
+            await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
     except _Answerable as e:
-        what = f"{e.request.source} #{e.request.stream_id} {e.request.name} from " if e.request else ""
+        what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
         log.warning("refused %s%s: %s", what, who, e.reason)
         peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
         ctx.count(peer_label, e.request.name if e.request else "", "refused")
@@ -351,11 +396,21 @@ async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: T
         log.warning("failed connection from %s: %s", who, reason)
         ctx.count("unknown", "", "failed")
         raw.close()
+        for sock in owned[1:]:  # a target connected before the reply could be sent
+            sock.close()
+        return
+    try:
+        local = PlainConn(target)
+    except OSError as e:  # no fd left for its duplicate
+        log.warning("%s: failed: %s", stream, e.strerror)
+        ctx.count(peer.name, request.name, "failed")
+        target.close()
+        conn.abort()
         return
     ctx.count(peer.name, request.name, "ok")
     log.info("%s: open", stream)
     # the peer's request ended exactly at the header: no payload was read early
-    await _pump(ctx, peer.name, request.name, PlainConn(target), conn, stream)
+    await _pump(ctx, peer.name, request.name, local, conn, stream)
 
 
 async def accept_inbound_loop(
