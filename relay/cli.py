@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from relay import __version__, config, control, pki
-from relay.errors import LocalError, MigrationInterrupted, RemoteError
+from relay.errors import InternalError, LocalError, MigrationInterrupted, RemoteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONTROL = Path(config.DEFAULT_SOCKET_DIR) / config.CONTROL_SOCKET_NAME
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("session", help="per-migration overlay sockets (for concurrent migrations)")
     sesub = se.add_subparsers(dest="session_command", required=True)
-    so = sesub.add_parser("open", help="new <id>-migration.sock/<id>-nbd.sock for PEER; prints the URIs as JSON")
+    so = sesub.add_parser("open", help="new <self>_<id>-migration.sock and -nbd.sock for PEER; prints the URIs as JSON")
     so.add_argument("peer")
     control_options(so)
     sc = sesub.add_parser("close", help="remove a session's sockets (running streams continue)")
@@ -275,5 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RemoteError as e:
         print(f"migrelay {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(e, MigrationInterrupted) else EXIT_FAILED
+    except InternalError as e:
+        print(f"migrelay {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from relay.errors import ConfigError
-from relay.overlay import DEFAULT_CHANNELS, host_problem, name_problem
+from relay.overlay import (
+    DEFAULT_CHANNELS,
+    SESSION_ID_CHARS,
+    host_problem,
+    name_problem,
+    peer_dir,
+    session_name,
+    unix_path_problem,
+)
 
 DEFAULT_SOCKET_DIR: Final = "/run/migrelay"
 DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
@@ -91,6 +99,7 @@ class Config:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     socket_mode: int = DEFAULT_SOCKET_MODE
     socket_group: str | None = None  # group that owns the overlay sockets (e.g. libvirt-qemu)
+    libvirt_group: str | None = None  # group that may use <peer>/libvirt.sock (root libvirt there); None: root
     control: Path | None = None  # None: <socket_dir>/control.sock
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     tls: TlsFiles | None = None
@@ -101,6 +110,10 @@ class Config:
     @property
     def socket_gid(self) -> int | None:
         return None if self.socket_group is None else _gid(self.socket_group)
+
+    @property
+    def libvirt_gid(self) -> int | None:
+        return None if self.libvirt_group is None else _gid(self.libvirt_group)
 
     @property
     def control_path(self) -> Path:
@@ -127,6 +140,7 @@ class Config:
             f"drain_timeout_s = {self.drain_timeout_s}",
             f"socket_mode = {q(oct(self.socket_mode)[2:].rjust(4, '0'))}",
             *([f"socket_group = {q(self.socket_group)}"] if self.socket_group is not None else []),
+            *([f"libvirt_group = {q(self.libvirt_group)}"] if self.libvirt_group is not None else []),
             f"control = {q(str(self.control_path))}",
             f"session_idle_s = {self.session_idle_s}",
         ]
@@ -243,12 +257,8 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     libvirt = _resolve(libvirt_text, base) if libvirt_text else None
     handshake = relay.number("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
     drain = relay.number("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)
-    socket_group = relay.string("socket_group")
-    if socket_group is not None:
-        try:
-            _gid(socket_group)
-        except KeyError:
-            raise ConfigError(f"[relay] socket_group: no group {socket_group!r} on this host") from None
+    socket_group = _group(relay, "socket_group")
+    libvirt_group = _group(relay, "libvirt_group")
     control_text = relay.string("control")
     control = _resolve(control_text, base) if control_text else None
     session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
@@ -295,6 +305,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         drain_timeout_s=drain,
         socket_mode=socket_mode,
         socket_group=socket_group,
+        libvirt_group=libvirt_group,
         control=control,
         session_idle_s=session_idle,
         tls=tls,
@@ -304,7 +315,45 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     )
     if config.needs_tls() and tls is None:
         raise ConfigError("[tls] section is required: a listener or peer uses the TLS transport (HOST:PORT)")
+    _check_unix_paths(config)
     return config
+
+
+def _group(section: _Section, key: str) -> str | None:
+    group = section.string(key)
+    if group is not None:
+        try:
+            _gid(group)
+        except KeyError:
+            raise ConfigError(f"[{section.where}] {key}: no group {group!r} on this host") from None
+    return group
+
+
+def _check_unix_paths(config: Config) -> None:
+    """Every unix socket path the relay or a local hypervisor will use must fit in sun_path.
+
+    Otherwise `serve` would fail late with a bare OSError, or a migration would fail
+    when the destination QEMU cannot listen on its overlay path.
+    """
+    paths: list[tuple[str, Path | str]] = [("[relay] control", config.control_path)]
+    paths += [("[relay] listen", a.path) for a in config.listen if a.kind == "unix"]
+    if config.libvirt is not None:
+        paths.append(("[relay] libvirt", config.libvirt))
+    longest_session = session_name(config.name, "x" * SESSION_ID_CHARS, "migration.sock")
+    for peer in config.peers.values():
+        where = f"[peers.{peer.name}]"
+        if peer.address is not None and peer.address.kind == "unix":
+            paths.append((f"{where} address", peer.address.path))
+        names = list(peer.channels)
+        if "migration.sock" in peer.channels or "nbd.sock" in peer.channels:
+            names.append(longest_session)  # `migrelay session open` / `migrate` sockets
+        # where this relay listens for the peer, and where a local hypervisor listens for it
+        for name in names:
+            paths.append((f"{where} channels (overlay socket)", peer_dir(config.socket_dir, peer.name) / name))
+            paths.append((f"{where} channels (local target)", peer_dir(config.socket_dir, config.name) / name))
+    for key, path in paths:
+        if (problem := unix_path_problem(path)) is not None:
+            raise ConfigError(f"{key}: socket path {problem}; use a shorter socket_dir or name")
 
 
 def _parse_peer(peer_name: str, table: object, self_name: str, base: Path | None) -> PeerConfig:

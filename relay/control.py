@@ -1,7 +1,7 @@
 """The control socket: sessions and status, for `migrelay session|status|migrate`.
 
 A session is a fresh set of overlay listeners for one migration to one peer,
-`<socket_dir>/<peer>/<id>-migration.sock` and `<id>-nbd.sock`, so that concurrent
+`<socket_dir>/<peer>/<self>_<id>-migration.sock` and `..._<id>-nbd.sock`, so that concurrent
 migrations to the same peer get distinct destination paths (two destination QEMUs
 cannot listen on one path). It ends when closed, or after `session_idle_s` without a
 stream; streams already running keep going either way.
@@ -29,7 +29,7 @@ import trio
 
 from relay import net
 from relay.errors import LocalError
-from relay.overlay import LIBVIRT_CHANNEL, peer_dir
+from relay.overlay import LIBVIRT_CHANNEL, SESSION_ID_CHARS, peer_dir, session_name, unix_path_problem
 from relay.session import Activity, RelayContext, accept_outbound_loop
 
 log = logging.getLogger("migrelay.control")
@@ -95,13 +95,15 @@ class Control:
         if not channels:
             raise ControlError(f"peer {peer_name} allows neither migration.sock nor nbd.sock")
         assert self._nursery is not None, "Control.serve() must be running"
-        session_id = secrets.token_hex(4)
+        session_id = secrets.token_hex(SESSION_ID_CHARS // 2)
         folder = peer_dir(cfg.socket_dir, peer.name)
         listeners: list[tuple[trio.socket.SocketType, str]] = []
         sockets: dict[str, Path] = {}
         try:
             for channel in channels:
-                name = f"{session_id}-{channel}"
+                name = session_name(cfg.name, session_id, channel)
+                if (problem := unix_path_problem(folder / name)) is not None:
+                    raise ControlError(f"session socket path {problem}")  # config load checks this too
                 listeners.append((await net.listen_unix(folder / name, cfg.socket_mode, cfg.socket_gid), name))
                 sockets[channel] = folder / name
         except BaseException:

@@ -45,6 +45,17 @@ class PkiError(LocalError):
     """A certificate or key is missing, unreadable, expired or does not match."""
 
 
+class InternalError(RelayError):
+    """A bug in migrelay, caught at the top: the log has the traceback."""
+
+
+class NoTarget(RelayError):
+    """The local socket a peer asked for is missing, or not one the relay may connect to.
+
+    The message names the local path: it is for this relay's log, never for the peer.
+    """
+
+
 class RemoteError(RelayError):
     """Something the other side of a connection did; routine for a relay."""
 
@@ -73,14 +84,16 @@ STATUS_NAMES: Final = {
 class Refused(RemoteError):
     """A forwarded connection was refused, by this relay's policy or by the peer's.
 
-    `status` is one of the STATUS_* codes, `reason` the human explanation that is
-    sent to the peer and logged on both sides.
+    `status` is one of the STATUS_* codes, `reason` the explanation sent to the peer
+    (it names no local path and does not tell which local files exist), `detail` what
+    this relay logs (it may; the operator reads it). Both sides log the reason.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str | None = None) -> None:
         super().__init__(f"{STATUS_NAMES.get(status, str(status))}: {reason}")
         self.status = status
         self.reason = reason
+        self.detail = detail if detail is not None else reason
 
 
 class MigrationInterrupted(RemoteError):

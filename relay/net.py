@@ -7,13 +7,14 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import trio
 
 from relay.config import Address
-from relay.errors import LocalError
+from relay.errors import LocalError, NoTarget
 from relay.guard import RateLimitedLog
 
 log = logging.getLogger("migrelay.net")
@@ -94,7 +95,7 @@ async def listen_unix(path: Path, mode: int, gid: int | None = None) -> trio.soc
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
-        raise LocalError(f"cannot listen on {path}: {e.strerror}") from None
+        raise LocalError(f"cannot listen on {path}: {e.strerror or e}") from None
     return sock
 
 
@@ -113,6 +114,49 @@ async def connect_unix(path: str) -> trio.socket.SocketType:
         raise
     _tune_unix(sock)
     return sock
+
+
+async def connect_beneath(folder: Path, name: str, owner_ok: Callable[[int], bool]) -> trio.socket.SocketType:
+    """Connect the unix socket `name` directly in `folder`, never by a path someone else can swap.
+
+    The relay runs as root and connects for a peer, in a folder the local hypervisor's
+    group may write to: a check by path, then a connect by path, can be raced (a symlink
+    swapped in between), and a hard link passes any path check. So the entry is opened
+    once (O_PATH|O_NOFOLLOW, relative to the folder), that very inode is checked (a
+    socket, one link, an owner who may listen there) and connected through
+    /proc/self/fd/N. Raises NoTarget with a reason for the log (it names the path).
+    """
+    path = folder / name
+    try:
+        dir_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoTarget(f"cannot open {folder}: {e.strerror}") from None
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise NoTarget(f"nothing listens on {path}") from None
+    except OSError as e:
+        raise NoTarget(f"cannot open {path}: {e.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise NoTarget(f"{path} is a symlink")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise NoTarget(f"{path} is not a socket")
+        if st.st_nlink != 1:
+            raise NoTarget(f"{path} has {st.st_nlink} links (a hard link to another socket?)")
+        if not owner_ok(st.st_uid):
+            raise NoTarget(f"{path} belongs to uid {st.st_uid}, who may not listen there")
+        try:
+            return await connect_unix(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                raise NoTarget(f"nothing listens on {path}") from None
+            raise NoTarget(f"cannot connect {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 async def connect_tcp(host: str, port: int) -> trio.socket.SocketType:

@@ -23,9 +23,9 @@ import trio
 from relay import net
 from relay.config import Address, Config
 from relay.control import Control
-from relay.errors import LocalError
+from relay.errors import InternalError, LocalError, printable
 from relay.metrics import Metrics, serve_metrics
-from relay.overlay import peer_dir
+from relay.overlay import LIBVIRT_CHANNEL, peer_dir
 from relay.session import RelayContext, accept_inbound_loop, accept_outbound_loop
 from relay.systemd import Notifier, inherited_sockets
 from relay.tlsconfig import client_context, load_identity, server_context
@@ -33,7 +33,15 @@ from relay.tlsconfig import client_context, load_identity, server_context
 log = logging.getLogger("migrelay.server")
 
 DIR_MODE = 0o755
-OWN_DIR_GROUP_MODE = 0o2775  # with socket_group: the group may create sockets; setgid keeps the group
+# With socket_group, the local hypervisor's group creates its listening sockets in our own
+# folder: setgid keeps the group on them, and the sticky bit keeps a member from removing
+# or renaming a socket it does not own.
+OWN_DIR_GROUP_MODE = 0o3775
+# Reaching a peer's libvirt.sock means root libvirt on that peer: root only, unless
+# [relay] libvirt_group names a group for it. The unix peer listener is for peer relays
+# (root in the next container), never for the local hypervisor: root only.
+ROOT_ONLY_MODE = 0o600
+GROUP_ONLY_MODE = 0o660
 
 
 @dataclass
@@ -87,7 +95,7 @@ class Relay:
                 log.info("using the socket-activated listener for %s", address)
                 inbound.append((adopted, address))
                 continue
-            inbound.append((await net.listen(address, cfg.socket_mode, gid), address))
+            inbound.append((await net.listen(address, ROOT_ONLY_MODE), address))
             if address.kind == "unix":
                 self._socket_files.append(Path(address.path))
         if inherited:
@@ -99,7 +107,13 @@ class Relay:
             folder.mkdir(mode=DIR_MODE, exist_ok=True)
             for name in peer.channels:
                 path = folder / name
-                outbound.append((await net.listen_unix(path, cfg.socket_mode, gid), peer.name, name))
+                if name == LIBVIRT_CHANNEL:
+                    libvirt_gid = cfg.libvirt_gid
+                    mode = ROOT_ONLY_MODE if libvirt_gid is None else GROUP_ONLY_MODE
+                    sock = await net.listen_unix(path, mode, libvirt_gid)
+                else:
+                    sock = await net.listen_unix(path, cfg.socket_mode, gid)
+                outbound.append((sock, peer.name, name))
                 self._socket_files.append(path)
         return inbound, outbound
 
@@ -172,11 +186,19 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def run_daemon(relay: Relay) -> None:
-    """`migrelay serve`: run until signalled; a startup problem surfaces as its one LocalError."""
+    """`migrelay serve`: run until signalled.
+
+    A startup problem or a listener that cannot go on surfaces as its one LocalError
+    (one line, exit status 2). Anything else is a bug outside every per-connection
+    guard: its traceback goes to the log and it surfaces as one InternalError line.
+    """
     try:
         trio.run(run_until_signalled, relay)
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if leaves and all(isinstance(e, LocalError) for e in leaves):
             raise leaves[0] from None
-        raise
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            raise KeyboardInterrupt from None
+        log.critical("the relay stopped on an unexpected error", exc_info=group)
+        raise InternalError(f"internal error: {'; '.join(printable(repr(e)) for e in leaves)}") from None

@@ -9,10 +9,12 @@ target and answer. Only then does payload flow, through `datapath.relay`.
 
 from __future__ import annotations
 
-import errno
+import functools
+import grp
 import itertools
 import logging
-import stat
+import os
+import pwd
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,6 +31,7 @@ from relay.errors import (
     STATUS_NO_TARGET,
     STATUS_OK,
     STATUS_UNSUPPORTED_VERSION,
+    NoTarget,
     PeerUnavailable,
     ProtocolError,
     Refused,
@@ -70,12 +73,38 @@ class RelayContext:
     def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
         self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
 
+    def may_listen(self, uid: int) -> bool:
+        """May the owner of a socket in our own overlay folder have put it there?
+
+        Root, this relay's user, or a member of socket_group (the local hypervisor).
+        Anyone else's socket there is not connected for a peer.
+        """
+        if uid in (0, os.geteuid()):
+            return True
+        gid = self.config.socket_gid
+        return gid is not None and _in_group(uid, gid)
+
     def channel_label(self, peer: str, name: str) -> str:
         """Bounded label values: names a peer invents do not create new series."""
         known = self.config.peers.get(peer)
         if known is not None and channel_of(name) in known.channels:
             return metric_channel(name)
         return "other"
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_group(uid: int, gid: int) -> bool:
+    """Whether user `uid` is in group `gid` (primary or supplementary); one NSS lookup per user."""
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    if user.pw_gid == gid:
+        return True
+    try:
+        return user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
 
 
 @dataclass
@@ -291,26 +320,19 @@ def _identify(ctx: RelayContext, kind: Transport, request: Request, cert_names: 
 
 
 async def _open_target(ctx: RelayContext, name: str) -> trio.socket.SocketType:
-    """Connect the local end for `name`; Refused with a reason if it is not there."""
+    """Connect the local end for `name`; Refused if it is not there (the reason names no path)."""
     if name == LIBVIRT_CHANNEL:
         assert ctx.config.libvirt is not None
-        path = ctx.config.libvirt
-    else:
-        path = peer_dir(ctx.config.socket_dir, ctx.config.name) / name
+        path = ctx.config.libvirt  # the operator's choice: connected by path
         try:
-            st = path.lstat()
-        except FileNotFoundError:
-            raise Refused(STATUS_NO_TARGET, f"nothing listens on {path}") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise Refused(STATUS_FORBIDDEN, f"{path} is a symlink")
-        if not stat.S_ISSOCK(st.st_mode):
-            raise Refused(STATUS_FORBIDDEN, f"{path} is not a socket")
+            return await net.connect_unix(str(path))
+        except OSError as e:
+            detail = f"cannot connect {path}: {e.strerror}"
+            raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", detail) from None
     try:
-        return await net.connect_unix(str(path))
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            raise Refused(STATUS_NO_TARGET, f"nothing listens on {path}") from None
-        raise Refused(STATUS_NO_TARGET, f"cannot connect {path}: {e.strerror}") from None
+        return await net.connect_beneath(peer_dir(ctx.config.socket_dir, ctx.config.name), name, ctx.may_listen)
+    except NoTarget as e:
+        raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", str(e)) from None
 
 
 async def _accept_request(
@@ -332,26 +354,26 @@ async def _accept_request(
     except ClosedBeforeHeader:
         raise
     except UnsupportedVersion as e:
-        raise _Answerable(conn, STATUS_UNSUPPORTED_VERSION, str(e)) from None
+        raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e))) from None
     except ProtocolError as e:
-        raise _Answerable(conn, STATUS_BAD_REQUEST, str(e)) from None
+        raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e))) from None
     assert isinstance(request, Request)
     try:
         peer = _identify(ctx, kind, request, names)
-        reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None)
+        reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
         if reason is not None:
             raise Refused(STATUS_FORBIDDEN, reason)
     except Refused as e:
-        raise _Answerable(conn, e.status, e.reason, request) from None
+        raise _Answerable(conn, e, request) from None
     return conn, peer, request
 
 
 class _Answerable(Exception):
     """A refusal we can still tell the peer about (the transport is up)."""
 
-    def __init__(self, conn: Conn, status: int, reason: str, request: Request | None = None) -> None:
-        super().__init__(reason)
-        self.conn, self.status, self.reason, self.request = conn, status, reason, request
+    def __init__(self, conn: Conn, refused: Refused, request: Request | None = None) -> None:
+        super().__init__(refused.reason)
+        self.conn, self.refused, self.request = conn, refused, request
 
 
 async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str) -> None:
@@ -371,17 +393,17 @@ async def _serve_inbound(
             try:
                 target = await _open_target(ctx, request.name)
             except Refused as e:
-                raise _Answerable(conn, e.status, e.reason, request) from None
+                raise _Answerable(conn, e, request) from None
             owned.append(target)
             await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
     except _Answerable as e:
         what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
-        log.warning("refused %s%s: %s", what, who, e.reason)
+        log.warning("refused %s%s: %s", what, who, e.refused.detail)
         peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
         ctx.count(peer_label, e.request.name if e.request else "", "refused")
         with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
             try:
-                await e.conn.send_all(memoryview(encode_reply(Reply(e.status, e.reason))))
+                await e.conn.send_all(memoryview(encode_reply(Reply(e.refused.status, e.refused.reason))))
                 await e.conn.send_eof()
             except (OSError, RemoteError):
                 pass  # the peer left first; the refusal is logged and counted above

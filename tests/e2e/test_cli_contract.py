@@ -84,7 +84,7 @@ def test_session_and_status_commands(tmp_path: Path) -> None:
         opened = migrelay("session", "open", "hvB", "--config", conf)
         assert opened.returncode == 0, opened.stderr
         session = json.loads(opened.stdout)
-        assert session["migrateuri"] == f"unix://{tmp_path}/hvA/hvB/{session['id']}-migration.sock"
+        assert session["migrateuri"] == f"unix://{tmp_path}/hvA/hvB/hvA_{session['id']}-migration.sock"
         assert Path(session["disks_uri"].removeprefix("unix://")).is_socket()
         listed = json.loads(migrelay("session", "list", "--control", str(tmp_path / "hvA/control.sock")).stdout)
         assert [s["id"] for s in listed] == [session["id"]]

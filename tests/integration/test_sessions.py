@@ -36,19 +36,19 @@ async def test_session_open_stream_close(tmp_path: Path, p: Pki) -> None:
         session = await ask(a.control_path, "open", peer="hvB")
         assert isinstance(session, dict)
         sid = session["id"]
-        assert session["migrateuri"] == f"unix://{tmp_path}/hvA/hvB/{sid}-migration.sock"
-        assert session["disks_uri"] == f"unix://{tmp_path}/hvA/hvB/{sid}-nbd.sock"
+        assert session["migrateuri"] == f"unix://{tmp_path}/hvA/hvB/hvA_{sid}-migration.sock"
+        assert session["disks_uri"] == f"unix://{tmp_path}/hvA/hvB/hvA_{sid}-nbd.sock"
         assert session["desturi"] == f"qemu+unix:///system?socket={tmp_path}/hvA/hvB/libvirt.sock"
         # the destination hypervisor listens on the same name in hvB's own folder
-        servers.start_soon(echo_server, await listen(tmp_path / f"hvB/hvB/{sid}-migration.sock"), servers)
-        await roundtrip(tmp_path / f"hvA/hvB/{sid}-migration.sock", 1, 3 << 20)
+        servers.start_soon(echo_server, await listen(tmp_path / f"hvB/hvB/hvA_{sid}-migration.sock"), servers)
+        await roundtrip(tmp_path / f"hvA/hvB/hvA_{sid}-migration.sock", 1, 3 << 20)
         labels = {"peer": "hvB", "channel": "migration", "direction": "tx"}
         await eventually(lambda: counted(ra, "migrelay_bytes_total", **labels) == 3 << 20)
         listed = await ask(a.control_path, "list")
         assert [s["id"] for s in listed] == [sid]  # type: ignore[union-attr]
         await ask(a.control_path, "close", id=sid)
-        await eventually(lambda: not (tmp_path / f"hvA/hvB/{sid}-migration.sock").exists())
-        assert not (tmp_path / f"hvA/hvB/{sid}-nbd.sock").exists()
+        await eventually(lambda: not (tmp_path / f"hvA/hvB/hvA_{sid}-migration.sock").exists())
+        assert not (tmp_path / f"hvA/hvB/hvA_{sid}-nbd.sock").exists()
         assert await ask(a.control_path, "list") == []
         servers.cancel_scope.cancel()
 
@@ -61,11 +61,11 @@ async def test_two_sessions_to_one_peer_at_once(tmp_path: Path, p: Pki) -> None:
             session = await ask(a.control_path, "open", peer="hvB")
             assert isinstance(session, dict)
             ids.append(session["id"])
-            servers.start_soon(echo_server, await listen(tmp_path / f"hvB/hvB/{ids[-1]}-migration.sock"), servers)
+            servers.start_soon(echo_server, await listen(tmp_path / f"hvB/hvB/hvA_{ids[-1]}-migration.sock"), servers)
         assert len(set(ids)) == 2
         async with trio.open_nursery() as clients:
             for i, sid in enumerate(ids):
-                clients.start_soon(roundtrip, tmp_path / f"hvA/hvB/{sid}-migration.sock", i, 8 << 20)
+                clients.start_soon(roundtrip, tmp_path / f"hvA/hvB/hvA_{sid}-migration.sock", i, 8 << 20)
         servers.cancel_scope.cancel()
 
 
@@ -78,13 +78,15 @@ async def test_idle_sessions_expire_busy_ones_do_not(tmp_path: Path, p: Pki, pat
         busy = await ra.control.open("hvB")
         conns: list[trio.socket.SocketType] = []
 
-        async def hold_open() -> None:  # a far end that keeps the stream running
-            listener = await listen(tmp_path / f"hvB/hvB/{busy.id}-migration.sock")
+        async def hold_open(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            """A far end that keeps the stream running."""
+            listener = await listen(tmp_path / f"hvB/hvB/hvA_{busy.id}-migration.sock")
+            task_status.started()
             conn, _ = await listener.accept()
             conns.append(conn)
             await trio.sleep_forever()
 
-        servers.start_soon(hold_open)
+        await servers.start(hold_open)
         client = await connect(busy.sockets["migration.sock"])
         await client.send(b"x")
         await eventually(lambda: busy.activity.active == 1)

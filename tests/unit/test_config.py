@@ -126,3 +126,26 @@ def test_socket_group(tmp_path: Path) -> None:
     cfg = load(tmp_path, '[relay]\nname = "a"\nsocket_group = "0"\n')
     assert cfg.socket_gid == 0
     assert load(tmp_path, cfg.as_toml()).socket_group == "0"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "path"),
+    [
+        # the longest: a session socket, hv1_<8 hex>-migration.sock (28 bytes) under <dir>/hv2/
+        ('socket_dir = "/run/migrelay"', f'socket_dir = "/run/{"d" * 72}"', "[peers.hv2] channels", "/run/ddd"),
+        ('"unix:/srv/shared/hv1.sock"', f'"unix:/srv/{"s" * 100}.sock"', "[relay] listen", "/srv/sss"),
+        ('libvirt = "/run/libvirt/libvirt-sock"', f'libvirt = "/run/{"l" * 110}"', "[relay] libvirt", "/run/lll"),
+    ],
+)
+def test_unix_socket_paths_must_fit_sun_path(tmp_path: Path, old: str, new: str, key: str, path: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, FULL.replace(old, new))
+    message = str(e.value)
+    assert message.startswith(key) and path in message and "over the AF_UNIX limit of 107" in message, message
+
+
+def test_a_socket_dir_that_just_fits(tmp_path: Path) -> None:
+    # /run/<x>/hv2/hv1_<8>-migration.sock is exactly 107 bytes
+    fits = FULL.replace('socket_dir = "/run/migrelay"', f'socket_dir = "/run/{"d" * 70}"')
+    assert len(f"/run/{'d' * 70}/hv2/hv1_12345678-migration.sock") == 107
+    load(tmp_path, fits)

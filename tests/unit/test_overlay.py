@@ -33,18 +33,23 @@ def test_invalid_names(name: str, why: str) -> None:
 
 
 def test_sessions_map_to_their_channel() -> None:
-    assert channel_of("3f9a-migration.sock") == "migration.sock"
-    assert channel_of("3f9a-other.sock") == "3f9a-other.sock"
-    assert metric_channel("3f9a-nbd.sock") == "nbd" and metric_channel("libvirt.sock") == "libvirt"
+    assert channel_of("hvA_3f9a-migration.sock") == "migration.sock"
+    assert channel_of("hv-a.example.org_3f9a-nbd.sock") == "nbd.sock"
+    assert channel_of("hvA_3f9a-other.sock") == "hvA_3f9a-other.sock"
+    # the unbound form of earlier releases is no session: any peer could name it
+    assert channel_of("3f9a-migration.sock") == "3f9a-migration.sock"
+    assert metric_channel("hvA_3f9a-nbd.sock") == "nbd" and metric_channel("libvirt.sock") == "libvirt"
 
 
 def test_policy() -> None:
-    assert refusal("migration.sock", DEFAULT_CHANNELS, True) is None
-    assert refusal("ab12-nbd.sock", DEFAULT_CHANNELS, True) is None
-    assert "not allowed" in (refusal("other.sock", DEFAULT_CHANNELS, True) or "")
-    assert "not allowed" in (refusal("nbd.sock", ("migration.sock",), True) or "")
-    assert "libvirt is not set" in (refusal("libvirt.sock", DEFAULT_CHANNELS, False) or "")
-    assert "'/'" in (refusal("../hvC/migration.sock", DEFAULT_CHANNELS, True) or "")
+    assert refusal("migration.sock", DEFAULT_CHANNELS, True, "hvA") is None
+    assert refusal("hvA_ab12-nbd.sock", DEFAULT_CHANNELS, True, "hvA") is None
+    assert "another relay" in (refusal("hvA_ab12-nbd.sock", DEFAULT_CHANNELS, True, "hvC") or "")
+    assert "not allowed" in (refusal("ab12-nbd.sock", DEFAULT_CHANNELS, True, "hvA") or "")
+    assert "not allowed" in (refusal("other.sock", DEFAULT_CHANNELS, True, "hvA") or "")
+    assert "not allowed" in (refusal("nbd.sock", ("migration.sock",), True, "hvA") or "")
+    assert "libvirt is not set" in (refusal("libvirt.sock", DEFAULT_CHANNELS, False, "hvA") or "")
+    assert "'/'" in (refusal("../hvC/migration.sock", DEFAULT_CHANNELS, True, "hvA") or "")
 
 
 def test_pure_core_imports_no_io_frameworks() -> None:
