@@ -30,6 +30,15 @@ DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
 DEFAULT_SOCKET_MODE: Final = 0o660
 DEFAULT_SESSION_IDLE_S: Final = 600.0
 CONTROL_SOCKET_NAME: Final = "control.sock"
+# Dead-peer detection on peer TCP connections; see Liveness for how they add up.
+DEFAULT_TCP_KEEPALIVE_IDLE_S: Final = 20
+DEFAULT_TCP_KEEPALIVE_INTERVAL_S: Final = 5
+DEFAULT_TCP_KEEPALIVE_COUNT: Final = 4
+DEFAULT_TCP_USER_TIMEOUT_S: Final = 40.0
+# Linux's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (probes)
+MAX_TCP_KEEPALIVE_S: Final = 32767
+MAX_TCP_KEEPALIVE_COUNT: Final = 127
+MAX_TCP_USER_TIMEOUT_S: Final = (2**31 - 1) / 1000  # the option is an int of milliseconds
 
 Transport = Literal["tls", "unix", "tcp"]
 
@@ -82,6 +91,35 @@ class TlsFiles:
 
 
 @dataclass(frozen=True)
+class Liveness:
+    """How a dead peer is noticed on a peer TCP connection (tls and tcp:// transports).
+
+    A migration stream can sit idle for hours (a paused guest, a parked libvirt
+    connection), so no idle timeout may end it; the kernel tells a silent peer from a
+    dead one instead:
+    - nothing in flight: after `keepalive_idle_s` without a packet from the peer, a
+      probe every `keepalive_interval_s`; `keepalive_count` unanswered probes and the
+      connection fails (ETIMEDOUT): 20 + 4 x 5 = 40 s by default;
+    - data sent and never acknowledged (keepalive does not probe then): the connection
+      fails after `user_timeout_s` of it (TCP_USER_TIMEOUT), 40 s by default; without it,
+      tcp_retries2 (15) would take about 15 minutes.
+    Linux lets TCP_USER_TIMEOUT also end keepalive probing (at the first probe past it,
+    whatever the count), so the defaults make the two agree: either way a dead peer is
+    found within 40 s, well under a minute. A live peer that is merely slow to
+    read is not affected: it keeps acknowledging (zero-window probes included).
+    """
+
+    keepalive_idle_s: int = DEFAULT_TCP_KEEPALIVE_IDLE_S
+    keepalive_interval_s: int = DEFAULT_TCP_KEEPALIVE_INTERVAL_S
+    keepalive_count: int = DEFAULT_TCP_KEEPALIVE_COUNT
+    user_timeout_s: float = DEFAULT_TCP_USER_TIMEOUT_S
+
+    @property
+    def user_timeout_ms(self) -> int:
+        return round(self.user_timeout_s * 1000)
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     name: str
     address: Address | None
@@ -102,6 +140,7 @@ class Config:
     libvirt_group: str | None = None  # group that may use <peer>/libvirt.sock (root libvirt there); None: root
     control: Path | None = None  # None: <socket_dir>/control.sock
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
+    liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_user_timeout_s
     tls: TlsFiles | None = None
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
@@ -143,6 +182,7 @@ class Config:
             *([f"libvirt_group = {q(self.libvirt_group)}"] if self.libvirt_group is not None else []),
             f"control = {q(str(self.control_path))}",
             f"session_idle_s = {self.session_idle_s}",
+            *_liveness_toml(self.liveness),
         ]
         if self.tls is not None:
             lines += ["", "[tls]", f"ca = {q(str(self.tls.ca))}", f"cert = {q(str(self.tls.cert))}"]
@@ -157,6 +197,15 @@ class Config:
             if peer.insecure:
                 lines.append("insecure = true")
         return "\n".join(lines) + "\n"
+
+
+def _liveness_toml(liveness: Liveness) -> list[str]:
+    return [
+        f"tcp_keepalive_idle_s = {liveness.keepalive_idle_s}",
+        f"tcp_keepalive_interval_s = {liveness.keepalive_interval_s}",
+        f"tcp_keepalive_count = {liveness.keepalive_count}",
+        f"tcp_user_timeout_s = {liveness.user_timeout_s}",
+    ]
 
 
 def _gid(group: str) -> int:
@@ -212,6 +261,13 @@ class _Section:
             raise ConfigError(f"[{self.where}] {key}: must be positive, got {value}")
         return value
 
+    def integer(self, key: str, default: int, highest: int) -> int:
+        """A whole number from 1 to `highest` (socket options that take whole seconds or counts)."""
+        value: int = self._take(key, (int,), "a whole number", default)
+        if not 1 <= value <= highest:
+            raise ConfigError(f"[{self.where}] {key}: must be 1-{highest}, got {value}")
+        return value
+
     def flag(self, key: str, default: bool) -> bool:
         value: bool = self._take(key, (bool,), "true or false", default)
         return value
@@ -262,6 +318,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     control_text = relay.string("control")
     control = _resolve(control_text, base) if control_text else None
     session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
+    liveness = _parse_liveness(relay)
     mode_text = relay.string("socket_mode", oct(DEFAULT_SOCKET_MODE)[2:])
     assert mode_text is not None
     try:
@@ -308,6 +365,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         libvirt_group=libvirt_group,
         control=control,
         session_idle_s=session_idle,
+        liveness=liveness,
         tls=tls,
         metrics_listen=metrics_listen,
         peers=peers,
@@ -354,6 +412,18 @@ def _check_unix_paths(config: Config) -> None:
     for key, path in paths:
         if (problem := unix_path_problem(path)) is not None:
             raise ConfigError(f"{key}: socket path {problem}; use a shorter socket_dir or name")
+
+
+def _parse_liveness(relay: _Section) -> Liveness:
+    """The [relay] tcp_keepalive_* and tcp_user_timeout_s keys (see Liveness)."""
+    idle = relay.integer("tcp_keepalive_idle_s", DEFAULT_TCP_KEEPALIVE_IDLE_S, MAX_TCP_KEEPALIVE_S)
+    interval = relay.integer("tcp_keepalive_interval_s", DEFAULT_TCP_KEEPALIVE_INTERVAL_S, MAX_TCP_KEEPALIVE_S)
+    count = relay.integer("tcp_keepalive_count", DEFAULT_TCP_KEEPALIVE_COUNT, MAX_TCP_KEEPALIVE_COUNT)
+    user_timeout = relay.number("tcp_user_timeout_s", DEFAULT_TCP_USER_TIMEOUT_S)
+    # the kernel takes milliseconds: below one, the option would read as 0 = "off"
+    if not 0.001 <= user_timeout <= MAX_TCP_USER_TIMEOUT_S:
+        raise ConfigError(f"[relay] tcp_user_timeout_s: must be 0.001-{MAX_TCP_USER_TIMEOUT_S}, got {user_timeout}")
+    return Liveness(idle, interval, count, user_timeout)
 
 
 def _parse_peer(peer_name: str, table: object, self_name: str, base: Path | None) -> PeerConfig:

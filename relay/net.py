@@ -13,7 +13,7 @@ from typing import Final
 
 import trio
 
-from relay.config import Address
+from relay.config import Address, Liveness
 from relay.errors import LocalError, NoTarget
 from relay.guard import RateLimitedLog
 
@@ -38,6 +38,22 @@ _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; Python'
 def _tune_tcp(sock: trio.socket.SocketType) -> None:
     # The libvirt RPC channel is latency-bound; bulk streams use big writes anyway.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_liveness(sock: trio.socket.SocketType, liveness: Liveness) -> None:
+    """Let the kernel find a dead peer on a peer TCP connection, idle or not (config.Liveness).
+
+    A peer that vanishes without a FIN or RST (power loss, a partition, a firewall that
+    drops) leaves an idle connection open forever and unacknowledged data retransmitting
+    for ~15 minutes; either way the relay would hold both legs and the source QEMU would
+    wait. With these options the pending read or write fails with ETIMEDOUT and the pump
+    ends the stream as broken.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, liveness.keepalive_idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, liveness.keepalive_interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, liveness.keepalive_count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, liveness.user_timeout_ms)
 
 
 def _tune_unix(sock: trio.socket.SocketType) -> None:
@@ -159,7 +175,8 @@ async def connect_beneath(folder: Path, name: str, owner_ok: Callable[[int], boo
         os.close(fd)
 
 
-async def connect_tcp(host: str, port: int) -> trio.socket.SocketType:
+async def connect_tcp(host: str, port: int, liveness: Liveness | None = None) -> trio.socket.SocketType:
+    """Dial host:port; `liveness` (peer connections) arms dead-peer detection, None keeps the kernel's."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _, sockaddr in infos:
@@ -173,18 +190,25 @@ async def connect_tcp(host: str, port: int) -> trio.socket.SocketType:
         except BaseException:
             sock.close()
             raise
-        _tune_tcp(sock)
+        try:
+            _tune_tcp(sock)
+            if liveness is not None:
+                set_liveness(sock, liveness)
+        except OSError:
+            sock.close()  # it died already (a reset makes setsockopt fail): the caller says why
+            raise
         return sock
     raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
-async def dial(address: Address) -> trio.socket.SocketType:
+async def dial(address: Address, liveness: Liveness | None = None) -> trio.socket.SocketType:
+    """Connect a peer transport; `liveness` applies to TCP only (a unix peer's death is seen at once)."""
     if address.kind == "unix":
         return await connect_unix(address.path)
-    return await connect_tcp(address.host, address.port)
+    return await connect_tcp(address.host, address.port, liveness)
 
 
-async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+async def accept(listener: trio.socket.SocketType, liveness: Liveness | None = None) -> trio.socket.SocketType:
     """Accept one connection.
 
     Capacity errors (out of fds or memory) pause accepting for a moment, as trio's own
@@ -192,6 +216,7 @@ async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
     died in the backlog (ECONNABORTED), a protocol error on it (EPROTO) or a firewall
     verdict (EPERM) concern that connection only. Anything else means this listener
     cannot go on: ListenerFailed, which ends the daemon with one line.
+    `liveness` is for peer listeners: it arms dead-peer detection on accepted TCP sockets.
     """
     while True:
         try:
@@ -207,6 +232,8 @@ async def accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 _tune_tcp(sock)
+                if liveness is not None:
+                    set_liveness(sock, liveness)
             elif sock.family == socket.AF_UNIX:
                 _tune_unix(sock)
         except OSError:

@@ -206,7 +206,7 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
     if address is None:
         raise PeerUnavailable(f"peer {peer.name} has no address configured (it can only dial us)")
     try:
-        raw = await net.dial(address)
+        raw = await net.dial(address, ctx.config.liveness)
     except OSError as e:
         raise PeerUnavailable(f"cannot reach {peer.name} at {address}: {e.strerror or e}") from None
     conn: Conn | None = None
@@ -440,7 +440,7 @@ async def accept_inbound_loop(
 ) -> None:
     """Accept peer relays on one transport listener; each connection runs on its own."""
     while True:
-        sock = await net.accept(listener)
+        sock = await net.accept(listener, ctx.config.liveness)
         try:
             remote = str(sock.getpeername()) if kind != "unix" else "unix peer"
         except OSError:

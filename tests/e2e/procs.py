@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,16 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def serve(*configs: Path, env: dict[str, str] | None = None) -> Iterator[list[ServeProcess]]:
-    """Start `migrelay serve` per config; wait for each READY=1 on a NOTIFY_SOCKET; SIGTERM at the end."""
+def serve(
+    *configs: Path,
+    env: dict[str, str] | None = None,
+    prefix: Callable[[Path], Sequence[str]] | None = None,
+) -> Iterator[list[ServeProcess]]:
+    """Start `migrelay serve` per config; wait for each READY=1 on a NOTIFY_SOCKET; SIGTERM at the end.
+
+    `prefix(config)` goes before each command line, e.g. `ip netns exec NS` (tests/netns.py:
+    `Host.argv()`); the prefix must exec the relay, so that the pid is the relay's.
+    """
     root = configs[0].parent
     notify_path = root / f"notify-{os.getpid()}-{time.monotonic_ns()}.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -45,7 +53,7 @@ def serve(*configs: Path, env: dict[str, str] | None = None) -> Iterator[list[Se
         for cfg in configs:
             log = cfg.with_suffix(".log")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
+                [*(prefix(cfg) if prefix else ()), sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
                 env=dict(os.environ, NOTIFY_SOCKET=str(notify_path), **(env or {})),
                 stdout=log.open("w"),
                 stderr=subprocess.STDOUT,

@@ -94,6 +94,12 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         ('[relay]\nname = "a"\nsocket_mode = "rw"\n', r"socket_mode: 'rw' is not an octal mode"),
         ('[relay]\nname = "a"\nsocket_group = "no-such-group-here"\n', r"socket_group: no group 'no-such-group-here'"),
         ('[relay]\nname = "a"\n[metrics]\nlisten = "unix:/m"\n', r"\[metrics\] listen: expected HOST:PORT"),
+        ('[relay]\nname = "a"\ntcp_keepalive_idle_s = 2.5\n', r"tcp_keepalive_idle_s: expected a whole number"),
+        ('[relay]\nname = "a"\ntcp_keepalive_interval_s = 0\n', r"tcp_keepalive_interval_s: must be 1-32767"),
+        ('[relay]\nname = "a"\ntcp_keepalive_count = 128\n', r"tcp_keepalive_count: must be 1-127"),
+        ('[relay]\nname = "a"\ntcp_keepalive_count = true\n', r"tcp_keepalive_count: expected a whole number"),
+        ('[relay]\nname = "a"\ntcp_user_timeout_s = 0.0001\n', r"tcp_user_timeout_s: must be 0.001-"),
+        ('[relay]\nname = "a"\ntcp_user_timeout_s = -1\n', r"tcp_user_timeout_s: must be positive"),
         ("[relay\n", r"not valid TOML"),
     ],
 )
@@ -120,6 +126,25 @@ def test_addresses() -> None:
 def test_shipped_examples_are_valid(path: Path) -> None:
     cfg = config.load(path)
     assert cfg.peers
+
+
+def test_dead_peer_detection_defaults_to_40_seconds(tmp_path: Path) -> None:
+    """The issue asks for detection within 60 s: idle via keepalive, in flight via TCP_USER_TIMEOUT."""
+    live = load(tmp_path, '[relay]\nname = "a"\n').liveness
+    assert live.keepalive_idle_s + live.keepalive_interval_s * live.keepalive_count == 40
+    assert live.user_timeout_s == 40 and live.user_timeout_ms == 40_000
+
+
+def test_dead_peer_detection_keys(tmp_path: Path) -> None:
+    text = (
+        '[relay]\nname = "a"\ntcp_keepalive_idle_s = 7\ntcp_keepalive_interval_s = 3\n'
+        "tcp_keepalive_count = 2\ntcp_user_timeout_s = 12.5\n"
+    )
+    cfg = load(tmp_path, text)
+    assert cfg.liveness == config.Liveness(7, 3, 2, 12.5)
+    printed = cfg.as_toml()
+    assert "tcp_keepalive_idle_s = 7\n" in printed and "tcp_user_timeout_s = 12.5\n" in printed
+    assert load(tmp_path, printed).liveness == cfg.liveness
 
 
 def test_socket_group(tmp_path: Path) -> None:
