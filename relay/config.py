@@ -9,7 +9,7 @@ from __future__ import annotations
 import grp
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -30,6 +30,7 @@ DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
 DEFAULT_SOCKET_MODE: Final = 0o660
 DEFAULT_SESSION_IDLE_S: Final = 600.0
 CONTROL_SOCKET_NAME: Final = "control.sock"
+MAX_LIMIT: Final = 1_000_000
 # Dead-peer detection on peer TCP connections; see Liveness for how they add up.
 DEFAULT_TCP_KEEPALIVE_IDLE_S: Final = 20
 DEFAULT_TCP_KEEPALIVE_INTERVAL_S: Final = 5
@@ -120,6 +121,22 @@ class Liveness:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Caps on what anyone who can reach a port may hold ([limits]); see relay/admission.py.
+
+    The defaults never bite a real workload: four concurrent migrations of 16 multifd
+    channels each (plus NBD and libvirt) are under 100 streams per peer, and a peer
+    relay opens its connections one at a time per overlay socket, so it has at most a
+    handful unauthenticated at once.
+    """
+
+    unauthenticated: int = 1024  # connections not yet authenticated, all sources together
+    unauthenticated_per_address: int = 64  # the same, per source IP address
+    handshakes: int = 128  # TLS handshakes under way (a silent connection holds none)
+    streams_per_peer: int = 512  # forwarded connections per peer, on each relay's own side
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     name: str
     address: Address | None
@@ -144,6 +161,7 @@ class Config:
     tls: TlsFiles | None = None
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
     source: Path | None = None
 
     @property
@@ -189,6 +207,8 @@ class Config:
             lines.append(f"key = {q(str(self.tls.key))}")
         if self.metrics_listen is not None:
             lines += ["", "[metrics]", f"listen = {q(str(self.metrics_listen))}"]
+        lines += ["", "[limits]"]
+        lines += [f"{f.name} = {getattr(self.limits, f.name)}" for f in fields(self.limits)]
         for peer in self.peers.values():
             lines += ["", f"[peers.{peer.name}]"]
             if peer.address is not None:
@@ -345,6 +365,12 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
                 raise ConfigError("[metrics] listen: expected HOST:PORT (served as plain HTTP)")
         section.done()
 
+    limits = Limits()
+    if (limits_table := top.table("limits")) is not None:
+        section = _Section(limits_table, "limits")
+        limits = Limits(**{f.name: section.integer(f.name, getattr(limits, f.name), MAX_LIMIT) for f in fields(Limits)})
+        section.done()
+
     peers: dict[str, PeerConfig] = {}
     peers_table = top.table("peers") or {}
     if not isinstance(peers_table, dict):
@@ -369,6 +395,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         tls=tls,
         metrics_listen=metrics_listen,
         peers=peers,
+        limits=limits,
         source=source,
     )
     if config.needs_tls() and tls is None:

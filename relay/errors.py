@@ -71,6 +71,7 @@ STATUS_BAD_REQUEST: Final = 1
 STATUS_FORBIDDEN: Final = 2
 STATUS_NO_TARGET: Final = 3
 STATUS_UNSUPPORTED_VERSION: Final = 4
+STATUS_OVER_LIMIT: Final = 5
 
 STATUS_NAMES: Final = {
     STATUS_OK: "ok",
@@ -78,6 +79,7 @@ STATUS_NAMES: Final = {
     STATUS_FORBIDDEN: "forbidden",
     STATUS_NO_TARGET: "no-target",
     STATUS_UNSUPPORTED_VERSION: "unsupported-version",
+    STATUS_OVER_LIMIT: "over-limit",
 }
 
 

@@ -51,6 +51,7 @@ class Relay:
     allow_splice: bool = True
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     control: Control | None = None
+    context: RelayContext | None = None  # set by run(): what its connections share
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
 
@@ -119,7 +120,7 @@ class Relay:
 
     async def run(self, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop() (or cancellation); readiness is reported once everything is bound."""
-        ctx = self._context()
+        self.context = ctx = self._context()
         notifier = Notifier(self.env)
         try:
             async with trio.open_nursery() as streams:

@@ -9,6 +9,7 @@ target and answer. Only then does payload flow, through `datapath.relay`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import itertools
@@ -23,6 +24,7 @@ import trio
 from OpenSSL import SSL
 
 from relay import net
+from relay.admission import Admission, OverLimit, Slot
 from relay.config import Config, PeerConfig, Transport
 from relay.datapath import Conn, Meter, PlainConn, StreamBroken, TlsConn, relay
 from relay.errors import (
@@ -30,6 +32,7 @@ from relay.errors import (
     STATUS_FORBIDDEN,
     STATUS_NO_TARGET,
     STATUS_OK,
+    STATUS_OVER_LIMIT,
     STATUS_UNSUPPORTED_VERSION,
     NoTarget,
     PeerUnavailable,
@@ -63,6 +66,10 @@ class RelayContext:
     # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake
     tls_sessions: dict[str, SSL.Session] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config.limits, self.metrics.refused)
 
     def next_stream_id(self) -> int:
         return next(self._ids)
@@ -153,10 +160,14 @@ async def _pump(
     local: Conn,
     remote: Conn,
     stream: str,
+    slot: Slot,
     activity: Activity | None = None,
 ) -> None:
-    """Run the data path for an established connection, with metrics and one log line at the end."""
-    with contained("stream", ctx.metrics.internal_errors, local, remote):
+    """Run the data path for an established connection, with metrics and one log line at the end.
+
+    The stream's admission slot is released when it ends, however it ends.
+    """
+    with slot, contained("stream", ctx.metrics.internal_errors, local, remote):
         await _pump_counted(ctx, peer, name, local, remote, stream, activity)
 
 
@@ -272,33 +283,42 @@ async def _forward(
     activity: Activity | None,
 ) -> None:
     """Connect one accepted overlay client to the peer, then hand both ends to a pump task."""
-    stream_id = ctx.next_stream_id()
-    stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
     try:
-        with trio.fail_after(ctx.config.handshake_timeout_s):
-            remote = await open_outbound(ctx, peer, name, stream_id)
-    except Refused as e:
-        log.warning("%s: refused by %s: %s", stream, peer.name, printable(str(e)))
+        slot = ctx.admission.stream_slot(peer.name)
+    except OverLimit:
         ctx.count(peer.name, name, "refused")
         client.close()
         return
-    except (RemoteError, OSError, trio.TooSlowError) as e:
-        reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
-        log.warning("%s: failed: %s", stream, reason)
-        ctx.count(peer.name, name, "failed")
-        client.close()
-        return
-    try:
-        local = PlainConn(client)
-    except OSError as e:  # no fd left for its duplicate
-        log.warning("%s: failed: %s", stream, e.strerror)
-        ctx.count(peer.name, name, "failed")
-        client.close()
-        remote.abort()
-        return
-    ctx.count(peer.name, name, "ok")
-    log.info("%s: open", stream)
-    streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, activity)
+    with contextlib.ExitStack() as until_handed_over:
+        until_handed_over.callback(slot.release)
+        stream_id = ctx.next_stream_id()
+        stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
+        try:
+            with trio.fail_after(ctx.config.handshake_timeout_s):
+                remote = await open_outbound(ctx, peer, name, stream_id)
+        except Refused as e:
+            log.warning("%s: refused by %s: %s", stream, peer.name, printable(str(e)))
+            ctx.count(peer.name, name, "refused")
+            client.close()
+            return
+        except (RemoteError, OSError, trio.TooSlowError) as e:
+            reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            log.warning("%s: failed: %s", stream, reason)
+            ctx.count(peer.name, name, "failed")
+            client.close()
+            return
+        try:
+            local = PlainConn(client)
+        except OSError as e:  # no fd left for its duplicate
+            log.warning("%s: failed: %s", stream, e.strerror)
+            ctx.count(peer.name, name, "failed")
+            client.close()
+            remote.abort()
+            return
+        ctx.count(peer.name, name, "ok")
+        log.info("%s: open", stream)
+        until_handed_over.pop_all()  # the pump task releases the slot
+        streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, slot, activity)
 
 
 # --- inbound: destination side -------------------------------------------------------
@@ -336,7 +356,7 @@ async def _open_target(ctx: RelayContext, name: str) -> trio.socket.SocketType:
 
 
 async def _accept_request(
-    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport
+    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, who: str
 ) -> tuple[Conn, PeerConfig, Request]:
     conn: Conn
     names: frozenset[str] = frozenset()
@@ -344,7 +364,10 @@ async def _accept_request(
         assert ctx.server_tls is not None
         tls = TlsConn.server(raw, ctx.server_tls)
         conn = tls
-        await tls.handshake()
+        # a silent connection holds no handshake slot: it only waits (for handshake_timeout_s)
+        await trio.lowlevel.wait_readable(raw)
+        with ctx.admission.handshake_slot(who):
+            await tls.handshake()
         ctx.count_handshake("server", tls)
         names = peer_cert_names(tls.ssl)
     else:
@@ -376,63 +399,78 @@ class _Answerable(Exception):
         self.conn, self.refused, self.request = conn, refused, request
 
 
-async def handle_inbound(ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str) -> None:
-    """Serve one connection from a peer relay, start to end."""
-    with contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
-        await _serve_inbound(ctx, raw, kind, remote, owned)
+async def handle_inbound(
+    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str, unauthenticated: Slot
+) -> None:
+    """Serve one connection from a peer relay, start to end; it holds `unauthenticated` until it has."""
+    with unauthenticated, contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
+        await _serve_inbound(ctx, raw, kind, remote, owned, unauthenticated)
 
 
 async def _serve_inbound(
-    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str, owned: list[Closable]
+    ctx: RelayContext,
+    raw: trio.socket.SocketType,
+    kind: Transport,
+    remote: str,
+    owned: list[Closable],
+    unauthenticated: Slot,
 ) -> None:
     who = f"{remote} ({kind})"
-    try:
-        with trio.fail_after(ctx.config.handshake_timeout_s):
-            conn, peer, request = await _accept_request(ctx, raw, kind)
-            stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
-            try:
-                target = await _open_target(ctx, request.name)
-            except Refused as e:
-                raise _Answerable(conn, e, request) from None
-            owned.append(target)
-            await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
-    except _Answerable as e:
-        what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
-        log.warning("refused %s%s: %s", what, who, e.refused.detail)
-        peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
-        ctx.count(peer_label, e.request.name if e.request else "", "refused")
-        with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
-            try:
-                await e.conn.send_all(memoryview(encode_reply(Reply(e.refused.status, e.refused.reason))))
-                await e.conn.send_eof()
-            except (OSError, RemoteError):
-                pass  # the peer left first; the refusal is logged and counted above
-        e.conn.close()
-        return
-    except ClosedBeforeHeader:
-        log.info("%s completed a handshake and closed (a `migrelay check`?)", who)
-        raw.close()
-        return
-    except (RemoteError, OSError, trio.TooSlowError) as e:
-        reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
-        log.warning("failed connection from %s: %s", who, reason)
-        ctx.count("unknown", "", "failed")
-        raw.close()
-        for sock in owned[1:]:  # a target connected before the reply could be sent
-            sock.close()
-        return
-    try:
-        local = PlainConn(target)
-    except OSError as e:  # no fd left for its duplicate
-        log.warning("%s: failed: %s", stream, e.strerror)
-        ctx.count(peer.name, request.name, "failed")
-        target.close()
-        conn.abort()
-        return
-    ctx.count(peer.name, request.name, "ok")
-    log.info("%s: open", stream)
-    # the peer's request ended exactly at the header: no payload was read early
-    await _pump(ctx, peer.name, request.name, local, conn, stream)
+    with contextlib.ExitStack() as slots:
+        try:
+            with trio.fail_after(ctx.config.handshake_timeout_s):
+                conn, peer, request = await _accept_request(ctx, raw, kind, who)
+                unauthenticated.release()
+                stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
+                try:
+                    slots.enter_context(ctx.admission.stream_slot(peer.name))
+                    target = await _open_target(ctx, request.name)
+                except OverLimit as e:
+                    raise _Answerable(conn, Refused(STATUS_OVER_LIMIT, str(e)), request) from None
+                except Refused as e:
+                    raise _Answerable(conn, e, request) from None
+                owned.append(target)
+                await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
+        except _Answerable as e:
+            what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
+            log.warning("refused %s%s: %s", what, who, e.refused.detail)
+            peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
+            ctx.count(peer_label, e.request.name if e.request else "", "refused")
+            with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
+                try:
+                    await e.conn.send_all(memoryview(encode_reply(Reply(e.refused.status, e.refused.reason))))
+                    await e.conn.send_eof()
+                except (OSError, RemoteError):
+                    pass  # the peer left first; the refusal is logged and counted above
+            e.conn.close()
+            return
+        except ClosedBeforeHeader:
+            log.info("%s completed a handshake and closed (a `migrelay check`?)", who)
+            raw.close()
+            return
+        except OverLimit:
+            raw.close()  # before authentication: closed at once, said nothing (admission logged it)
+            return
+        except (RemoteError, OSError, trio.TooSlowError) as e:
+            reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            log.warning("failed connection from %s: %s", who, reason)
+            ctx.count("unknown", "", "failed")
+            raw.close()
+            for sock in owned[1:]:  # a target connected before the reply could be sent
+                sock.close()
+            return
+        try:
+            local = PlainConn(target)
+        except OSError as e:  # no fd left for its duplicate
+            log.warning("%s: failed: %s", stream, e.strerror)
+            ctx.count(peer.name, request.name, "failed")
+            target.close()
+            conn.abort()
+            return
+        ctx.count(peer.name, request.name, "ok")
+        log.info("%s: open", stream)
+        # the peer's request ended exactly at the header: no payload was read early
+        await _pump(ctx, peer.name, request.name, local, conn, stream, Slot(slots.close))
 
 
 async def accept_inbound_loop(
@@ -441,8 +479,19 @@ async def accept_inbound_loop(
     """Accept peer relays on one transport listener; each connection runs on its own."""
     while True:
         sock = await net.accept(listener, ctx.config.liveness)
+        address: str | None = None
+        if kind != "unix":
+            try:
+                address = str(sock.getpeername()[0])
+                remote = str(sock.getpeername())
+            except OSError:
+                sock.close()  # it left while in the backlog
+                continue
+        else:
+            remote = "unix peer"
         try:
-            remote = str(sock.getpeername()) if kind != "unix" else "unix peer"
-        except OSError:
-            remote = "vanished peer"
-        streams.start_soon(handle_inbound, ctx, sock, kind, remote)
+            unauthenticated = ctx.admission.unauthenticated_slot(address)
+        except OverLimit:
+            sock.close()  # at once: nothing is said to whoever has not authenticated
+            continue
+        streams.start_soon(handle_inbound, ctx, sock, kind, remote, unauthenticated)

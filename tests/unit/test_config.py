@@ -174,3 +174,19 @@ def test_a_socket_dir_that_just_fits(tmp_path: Path) -> None:
     fits = FULL.replace('socket_dir = "/run/migrelay"', f'socket_dir = "/run/{"d" * 70}"')
     assert len(f"/run/{'d' * 70}/hv2/hv1_12345678-migration.sock") == 107
     load(tmp_path, fits)
+
+
+def test_limits_have_defaults_and_are_strict(tmp_path: Path) -> None:
+    cfg = load(tmp_path, FULL)
+    assert cfg.limits == config.Limits()
+    assert "[limits]\nunauthenticated = 1024\n" in cfg.as_toml()
+    cfg = load(tmp_path, FULL + "\n[limits]\nstreams_per_peer = 8\n")
+    assert cfg.limits.streams_per_peer == 8 and cfg.limits.handshakes == config.Limits().handshakes
+    for text, error in [
+        ("streams = 8", "[limits] unknown key(s): streams"),
+        ("handshakes = 0", "[limits] handshakes: must be 1-1000000, got 0"),
+        ('handshakes = "8"', "[limits] handshakes: expected a whole number"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load(tmp_path, FULL + f"\n[limits]\n{text}\n")
+        assert str(e.value).startswith(error), str(e.value)

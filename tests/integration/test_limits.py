@@ -1,0 +1,160 @@
+"""[limits]: what anyone who can reach the TLS port may hold, and what a peer may run.
+
+Each cap is set small here and exceeded while a real stream runs beside: the
+connection over the cap is closed at once (before authentication) or refused with a
+reason (after), counted in migrelay_refused_total{reason}, and the real stream and
+the daemon are undisturbed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay import config
+from relay.errors import STATUS_OVER_LIMIT
+from relay.protocol import Request, encode_request
+from relay.server import Relay
+from tests.integration.test_relays import BadPeer, counted, echo_server, eventually, roundtrip, running
+from tests.support import Pki, connect, listen, make_pki, pair_configs
+
+ATTACKER = "127.0.0.2"  # loopback is a /8: the attacker gets an address of its own
+
+
+@pytest.fixture
+def p(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+def limited(tmp_path: Path, name: str, **limits: int) -> config.Config:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(path.read_text() + "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+    return config.load(path)
+
+
+async def open_from(address: str, b: config.Config, first_bytes: bytes = b"") -> trio.socket.SocketType:
+    port = b.listen[0]
+    sock = trio.socket.socket()
+    await sock.bind((address, 0))
+    await sock.connect((port.host, port.port))
+    if first_bytes:
+        await sock.send(first_bytes)
+    return sock
+
+
+def held_against(relay: Relay, reason: str) -> int:
+    """How many connections hold a slot of the cap named `reason` right now."""
+    assert relay.context is not None
+    admission = relay.context.admission
+    return {
+        "unauthenticated": admission.unauthenticated,
+        "unauthenticated_per_address": admission.by_address.get(ATTACKER, 0),
+        "handshakes": admission.handshakes,
+    }[reason]
+
+
+async def closed_at_once(sock: trio.socket.SocketType, wait_s: float = 1.0) -> bool:
+    """Did the relay close this connection without a word (within a moment)?"""
+    with trio.move_on_after(wait_s):
+        try:
+            return await sock.recv(10) == b""
+        except ConnectionResetError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason", "first_bytes"),
+    [
+        ({"unauthenticated_per_address": 3}, "unauthenticated_per_address", b""),
+        ({"unauthenticated": 3}, "unauthenticated", b""),
+        # a TLS record header, then nothing: a handshake begun and stalled
+        ({"handshakes": 3}, "handshakes", b"\x16\x03\x01"),
+    ],
+)
+async def test_connections_over_a_cap_are_closed_at_once(
+    tmp_path: Path,
+    p: Pki,
+    limits: dict[str, int],
+    reason: str,
+    first_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, _ = pair_configs(tmp_path, p, "tls")
+    b = limited(tmp_path, "hvB", **limits)
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        held = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
+        # the three are held (accepted, not yet authenticated) before the fourth comes
+        await eventually(lambda: held_against(rb, reason) == 3)
+        over = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
+        for sock in over:
+            assert await closed_at_once(sock)
+        assert counted(rb, "migrelay_refused_total", reason=reason) == 3
+        # at most one log line a second for one reason, however many are closed
+        assert len([r for r in caplog.records if f"[limits] {reason}" in r.getMessage()]) == 1
+        for sock in held:  # still held: well within handshake_timeout_s (3 s here)
+            assert not await closed_at_once(sock, wait_s=0.1)
+        if reason == "unauthenticated_per_address":
+            # the cap is per address: hvA, dialling from 127.0.0.1, still gets through
+            await roundtrip(tmp_path / "hvA/hvB/migration.sock", 1, 1 << 20)
+        for sock in held + over:
+            sock.close()
+        # with the held ones gone, a real peer gets through again
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 2, 1 << 20)
+        servers.cancel_scope.cancel()
+
+
+async def test_streams_per_peer_are_refused_with_a_reason_over_the_cap(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = pair_configs(tmp_path, p, "tls")
+    b = limited(tmp_path, "hvB", streams_per_peer=2)
+    caplog.set_level(logging.WARNING)
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        running_streams = []
+        for _ in range(2):
+            sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+            await sock.send(b"x")
+            running_streams.append(sock)
+        await eventually(lambda: counted(rb, "migrelay_active_streams") == 2)
+        bad = BadPeer(b, p)
+        conn = await bad.open()
+        reply = await bad.request(conn, encode_request(Request("hvA", "migration.sock", 99)))
+        conn.close()
+        assert reply.status == STATUS_OVER_LIMIT and "2 running ([limits] streams_per_peer)" in reply.reason
+        assert counted(rb, "migrelay_refused_total", reason="streams_per_peer") == 1
+        for sock in running_streams:
+            await sock.send(b"y")
+            sock.shutdown(socket.SHUT_WR)
+            assert (await sock.recv(100)).decode() == hashlib.sha256(b"xy").hexdigest()
+            sock.close()
+        await eventually(lambda: counted(rb, "migrelay_active_streams") == 0)
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 3, 1 << 20)
+        servers.cancel_scope.cancel()
+
+
+async def test_the_source_relay_caps_streams_per_peer_too(tmp_path: Path, p: Pki) -> None:
+    _, b = pair_configs(tmp_path, p, "tls")
+    a = limited(tmp_path, "hvA", streams_per_peer=1)
+    async with running(a, b) as (ra, _), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        first = await connect(tmp_path / "hvA/hvB/migration.sock")
+        await first.send(b"x")
+        await eventually(lambda: counted(ra, "migrelay_active_streams") == 1)
+        second = await connect(tmp_path / "hvA/hvB/migration.sock")
+        assert await closed_at_once(second)
+        assert counted(ra, "migrelay_refused_total", reason="streams_per_peer") == 1
+        assert counted(ra, "migrelay_connections_total", peer="hvB", result="refused") == 1
+        first.shutdown(socket.SHUT_WR)
+        assert (await first.recv(100)).decode() == hashlib.sha256(b"x").hexdigest()
+        first.close()
+        await eventually(lambda: counted(ra, "migrelay_active_streams") == 0)
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 4, 1 << 20)
+        servers.cancel_scope.cancel()
