@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -186,6 +187,20 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def _raise_fd_limit() -> None:
+    """Take the soft RLIMIT_NOFILE up to the hard one.
+
+    Each forwarded connection holds about five fds (two sockets, a duplicate, two pipes
+    per spliced direction), and [limits] lets a thousand unauthenticated connections
+    wait: the usual soft limit of 1024 would run out first. systemd sets a low soft and
+    a high hard limit precisely so that daemons that need more raise it themselves.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("RLIMIT_NOFILE raised from %d to %d", soft, hard)
+
+
 def run_daemon(relay: Relay) -> None:
     """`migrelay serve`: run until signalled.
 
@@ -193,6 +208,7 @@ def run_daemon(relay: Relay) -> None:
     (one line, exit status 2). Anything else is a bug outside every per-connection
     guard: its traceback goes to the log and it surfaces as one InternalError line.
     """
+    _raise_fd_limit()
     try:
         trio.run(run_until_signalled, relay)
     except BaseExceptionGroup as group:

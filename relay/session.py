@@ -356,17 +356,18 @@ async def _open_target(ctx: RelayContext, name: str) -> trio.socket.SocketType:
 
 
 async def _accept_request(
-    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, who: str
+    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, who: str, eviction: trio.CancelScope
 ) -> tuple[Conn, PeerConfig, Request]:
     conn: Conn
     names: frozenset[str] = frozenset()
     if kind == "tls":
         assert ctx.server_tls is not None
+        # a silent connection holds no handshake slot and no OpenSSL state, only its
+        # socket: it waits for its first bytes, for handshake_timeout_s at most
+        await trio.lowlevel.wait_readable(raw)
         tls = TlsConn.server(raw, ctx.server_tls)
         conn = tls
-        # a silent connection holds no handshake slot: it only waits (for handshake_timeout_s)
-        await trio.lowlevel.wait_readable(raw)
-        with ctx.admission.handshake_slot(who):
+        with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):
             await tls.handshake()
         ctx.count_handshake("server", tls)
         names = peer_cert_names(tls.ssl)
@@ -400,11 +401,20 @@ class _Answerable(Exception):
 
 
 async def handle_inbound(
-    ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, remote: str, unauthenticated: Slot
+    ctx: RelayContext,
+    raw: trio.socket.SocketType,
+    kind: Transport,
+    remote: str,
+    unauthenticated: Slot,
+    eviction: trio.CancelScope,
 ) -> None:
-    """Serve one connection from a peer relay, start to end; it holds `unauthenticated` until it has."""
-    with unauthenticated, contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
-        await _serve_inbound(ctx, raw, kind, remote, owned, unauthenticated)
+    """Serve one connection from a peer relay, start to end.
+
+    It holds `unauthenticated` until it has authenticated; until then admission may
+    close it to make room (`eviction` is cancelled), which ends it quietly.
+    """
+    with eviction, unauthenticated, contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
+        await _serve_inbound(ctx, raw, kind, remote, owned, unauthenticated, eviction)
 
 
 async def _serve_inbound(
@@ -414,12 +424,13 @@ async def _serve_inbound(
     remote: str,
     owned: list[Closable],
     unauthenticated: Slot,
+    eviction: trio.CancelScope,
 ) -> None:
     who = f"{remote} ({kind})"
     with contextlib.ExitStack() as slots:
         try:
             with trio.fail_after(ctx.config.handshake_timeout_s):
-                conn, peer, request = await _accept_request(ctx, raw, kind, who)
+                conn, peer, request = await _accept_request(ctx, raw, kind, who, eviction)
                 unauthenticated.release()
                 stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
                 try:
@@ -473,6 +484,16 @@ async def _serve_inbound(
         await _pump(ctx, peer.name, request.name, local, conn, stream, Slot(slots.close))
 
 
+def _address(sock: trio.socket.SocketType, kind: Transport) -> str | None:
+    """The source IP address of a peer connection (None for unix peers, or if it left)."""
+    if kind == "unix":
+        return None
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return None
+
+
 async def accept_inbound_loop(
     ctx: RelayContext, listener: trio.socket.SocketType, kind: Transport, streams: trio.Nursery
 ) -> None:
@@ -489,9 +510,10 @@ async def accept_inbound_loop(
                 continue
         else:
             remote = "unix peer"
+        eviction = trio.CancelScope()
         try:
-            unauthenticated = ctx.admission.unauthenticated_slot(address)
+            unauthenticated = ctx.admission.unauthenticated_slot(address, eviction.cancel)
         except OverLimit:
             sock.close()  # at once: nothing is said to whoever has not authenticated
             continue
-        streams.start_soon(handle_inbound, ctx, sock, kind, remote, unauthenticated)
+        streams.start_soon(handle_inbound, ctx, sock, kind, remote, unauthenticated, eviction)

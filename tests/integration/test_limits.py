@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from relay import config
+from relay.admission import Admission
 from relay.errors import STATUS_OVER_LIMIT
 from relay.protocol import Request, encode_request
 from relay.server import Relay
@@ -47,15 +48,9 @@ async def open_from(address: str, b: config.Config, first_bytes: bytes = b"") ->
     return sock
 
 
-def held_against(relay: Relay, reason: str) -> int:
-    """How many connections hold a slot of the cap named `reason` right now."""
+def admission(relay: Relay) -> Admission:
     assert relay.context is not None
-    admission = relay.context.admission
-    return {
-        "unauthenticated": admission.unauthenticated,
-        "unauthenticated_per_address": admission.by_address.get(ATTACKER, 0),
-        "handshakes": admission.handshakes,
-    }[reason]
+    return relay.context.admission
 
 
 async def closed_at_once(sock: trio.socket.SocketType, wait_s: float = 1.0) -> bool:
@@ -68,45 +63,59 @@ async def closed_at_once(sock: trio.socket.SocketType, wait_s: float = 1.0) -> b
     return False
 
 
-@pytest.mark.parametrize(
-    ("limits", "reason", "first_bytes"),
-    [
-        ({"unauthenticated_per_address": 3}, "unauthenticated_per_address", b""),
-        ({"unauthenticated": 3}, "unauthenticated", b""),
-        # a TLS record header, then nothing: a handshake begun and stalled
-        ({"handshakes": 3}, "handshakes", b"\x16\x03\x01"),
-    ],
-)
-async def test_connections_over_a_cap_are_closed_at_once(
-    tmp_path: Path,
-    p: Pki,
-    limits: dict[str, int],
-    reason: str,
-    first_bytes: bytes,
-    caplog: pytest.LogCaptureFixture,
+async def test_connections_over_the_per_address_cap_are_closed_at_once(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, _ = pair_configs(tmp_path, p, "tls")
-    b = limited(tmp_path, "hvB", **limits)
+    b = limited(tmp_path, "hvB", unauthenticated_per_address=3)
     async with running(a, b) as (_, rb), trio.open_nursery() as servers:
         servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
-        held = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
-        # the three are held (accepted, not yet authenticated) before the fourth comes
-        await eventually(lambda: held_against(rb, reason) == 3)
-        over = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
+        held = [await open_from(ATTACKER, b) for _ in range(3)]
+        await eventually(lambda: admission(rb).unauthenticated_from(ATTACKER) == 3)
+        over = [await open_from(ATTACKER, b) for _ in range(3)]
         for sock in over:
             assert await closed_at_once(sock)
-        assert counted(rb, "migrelay_refused_total", reason=reason) == 3
+        assert counted(rb, "migrelay_refused_total", reason="unauthenticated_per_address") == 3
         # at most one log line a second for one reason, however many are closed
-        assert len([r for r in caplog.records if f"[limits] {reason}" in r.getMessage()]) == 1
+        assert len([r for r in caplog.records if "[limits] unauthenticated_per_address" in r.getMessage()]) == 1
         for sock in held:  # still held: well within handshake_timeout_s (3 s here)
             assert not await closed_at_once(sock, wait_s=0.1)
-        if reason == "unauthenticated_per_address":
-            # the cap is per address: hvA, dialling from 127.0.0.1, still gets through
-            await roundtrip(tmp_path / "hvA/hvB/migration.sock", 1, 1 << 20)
+        # the cap is per address: hvA, dialling from 127.0.0.1, gets through
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 1, 1 << 20)
         for sock in held + over:
             sock.close()
-        # with the held ones gone, a real peer gets through again
+        servers.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("cap", "first_bytes"),
+    [
+        ("unauthenticated", b""),
+        # a TLS record header, then nothing: a handshake begun and stalled
+        ("handshakes", b"\x16\x03\x01"),
+    ],
+)
+async def test_over_an_overall_cap_the_busiest_sources_oldest_connection_makes_room(
+    tmp_path: Path, p: Pki, cap: str, first_bytes: bytes
+) -> None:
+    """A flood must not lock a real peer out: over the cap, the flood pays, not the newcomer."""
+    a, _ = pair_configs(tmp_path, p, "tls")
+    b = limited(tmp_path, "hvB", **{cap: 3})
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        oldest = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
+        await eventually(lambda: getattr(admission(rb), cap) == 3)
+        newer = [await open_from(ATTACKER, b, first_bytes) for _ in range(3)]
+        for sock in oldest:
+            assert await closed_at_once(sock)
+        for sock in newer:
+            assert not await closed_at_once(sock, wait_s=0.1)
+        assert getattr(admission(rb), cap) == 3
+        # the real peer, one connection at a time from its own address, gets through
         await roundtrip(tmp_path / "hvA/hvB/migration.sock", 2, 1 << 20)
+        assert counted(rb, "migrelay_refused_total", reason=cap) >= 3
+        for sock in oldest + newer:
+            sock.close()
         servers.cancel_scope.cancel()
 
 
@@ -128,7 +137,7 @@ async def test_streams_per_peer_are_refused_with_a_reason_over_the_cap(
         conn = await bad.open()
         reply = await bad.request(conn, encode_request(Request("hvA", "migration.sock", 99)))
         conn.close()
-        assert reply.status == STATUS_OVER_LIMIT and "2 running ([limits] streams_per_peer)" in reply.reason
+        assert reply.status == STATUS_OVER_LIMIT and "2 streams of hvA running ([limits] streams_per_peer)" in reply.reason
         assert counted(rb, "migrelay_refused_total", reason="streams_per_peer") == 1
         for sock in running_streams:
             await sock.send(b"y")
