@@ -137,7 +137,8 @@ async def test_streams_per_peer_are_refused_with_a_reason_over_the_cap(
         conn = await bad.open()
         reply = await bad.request(conn, encode_request(Request("hvA", "migration.sock", 99)))
         conn.close()
-        assert reply.status == STATUS_OVER_LIMIT and "2 streams of hvA running ([limits] streams_per_peer)" in reply.reason
+        assert reply.status == STATUS_OVER_LIMIT
+        assert "2 streams of hvA running ([limits] streams_per_peer)" in reply.reason
         assert counted(rb, "migrelay_refused_total", reason="streams_per_peer") == 1
         for sock in running_streams:
             await sock.send(b"y")
