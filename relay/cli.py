@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rtt-count", type=int, default=2000, help="1 KiB round trips per latency run")
     b.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
     b.add_argument("--migration-reps", type=int, default=2, help="real 1 GiB QEMU migrations per setup (0: skip)")
+    b.add_argument(
+        "--flood-reps", type=int, help="a stream beside 2000 slow connections, and without (default: --reps; 0: skip)"
+    )
 
     d = sub.add_parser("demo", help="two relays on loopback, fresh certificates, a stream through them")
     d.add_argument("--size", type=_size, default=_size("4G"), help="bytes to send (default 4G)")
@@ -237,11 +240,16 @@ def _bench(args: argparse.Namespace) -> int:
     if migrations and (why := migration.available()) is not None:
         print(f"migrelay bench: skipping the QEMU migration benchmark: {why}", file=sys.stderr)
         migrations = 0
-    steps = args.reps * (len(streams) + 1) * len(names) + migrations * len(run.MIGRATION_SETUPS)
+    floods = args.reps if args.flood_reps is None else args.flood_reps
+    if "migrelay-tls" not in names:
+        floods = 0
+    steps = args.reps * (len(streams) + 1) * len(names) + migrations * len(run.MIGRATION_SETUPS) + floods
     with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         report = run.run(names, streams, args.size, args.reps, args.rtt_count, progress=bar.update)
         if migrations:
             run.run_migrations(report, migrations, progress=bar.update)
+        if floods:
+            run.run_flood(report, floods, args.size, progress=bar.update)
     run.table(report, sys.stdout)
     args.out.mkdir(parents=True, exist_ok=True)
     run.write_json(report, args.out / "bench.json")

@@ -25,6 +25,8 @@ TRICKLE_EVERY_S: Final = 2.0
 # per-address cap alone does not stop it
 SOURCE_ADDRESSES: Final = 32
 CONNECT_TIMEOUT_S: Final = 10.0
+# the bench's sustained flood opens a closed connection again after this long
+REOPEN_AFTER_S: Final = 1.0
 
 
 @dataclass
@@ -120,3 +122,21 @@ async def flood(
             if i % 100 == 99:
                 await trio.lowlevel.checkpoint()  # let the relay accept as they come, like a real flood
     return report
+
+
+def main(argv: list[str]) -> None:
+    """`python -m relay.bench.flood HOST PORT COUNT DURATION_S`: flood, reopening, then print a summary."""
+    import resource
+    import sys
+
+    host, port, count, duration_s = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one fd per connection of the flood
+    report = trio.run(flood, host, port, count, duration_s, REOPEN_AFTER_S)
+    print(report.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

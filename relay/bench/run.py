@@ -32,6 +32,12 @@ PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 RSS_SAMPLE_S: Final = 0.1
 LOAD = [sys.executable, "-m", "relay.bench.load"]
 
+# the flood row: one stream through a migrelay TLS pair, quiet ("migrelay-tls") and beside
+# FLOOD_CONNECTIONS silent/trickling connections on the destination relay's port (FLOODED)
+FLOODED: Final = "migrelay-tls+flood"
+FLOOD_CONNECTIONS: Final = 2000
+FLOOD_WARMUP_S: Final = 3.0
+
 # (figure, setup, baseline, test, how, target): how is "mbps", "cpu" (lower is better), "rtt" or "fairness"
 TARGETS: Final = (
     ("TLS pair, 1 stream, MB/s", "migrelay-tls", "stunnel", "streams=1", "mbps", 1.8),
@@ -45,6 +51,7 @@ TARGETS: Final = (
     ("16 plaintext streams, slowest/fastest", "migrelay-tcp", None, "streams=16", "fairness", 0.8),
     ("1 KiB round trip, TLS pair, p50", "migrelay-tls", "stunnel", "rtt", "rtt", 1.6),
     ("real 1 GiB migration, MB/s", "migrelay-tls", "socat-tls", "migration", "mbps", 2.0),
+    ("TLS stream beside 2000 slow conns, MB/s", FLOODED, "migrelay-tls", "flood", "mbps", 0.7),
 )
 MIGRATION_SETUPS: Final = ("direct", "socat-tls", "migrelay-tls")
 RSS_LIMIT_MIB: Final = 64
@@ -239,6 +246,38 @@ def run_migrations(report: Report, reps: int, progress: Callable[[int], Any] | N
             shutil.rmtree(guest.parent, ignore_errors=True)
 
 
+def run_flood(report: Report, reps: int, total_bytes: int, progress: Callable[[int], Any] | None = None) -> None:
+    """One stream through a migrelay TLS pair, quiet and beside a slow-connection flood, interleaved."""
+    with tempfile.TemporaryDirectory(prefix="migrelay-bench-") as tmp:
+        setup = setups.start("migrelay-tls", Path(tmp))
+        sink = subprocess.Popen([*LOAD, "sink", str(setup.sink)], stdout=subprocess.DEVNULL, text=True)
+        try:
+            setups._wait_for(setup.sink, [], "sink for the flood bench")
+            assert setup.peer_port is not None
+            host, port = setup.peer_port
+            for rep in range(reps):
+                quiet = throughput(setup, 1, total_bytes, rep)
+                quiet.test = "flood"
+                report.samples.append(quiet)
+                attack = subprocess.Popen(
+                    [sys.executable, "-m", "relay.bench.flood", host, str(port), str(FLOOD_CONNECTIONS), "3600"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                try:
+                    time.sleep(FLOOD_WARMUP_S)  # the flood is in place: held, trickling, reopening
+                    flooded = throughput(setup, 1, total_bytes, rep)
+                finally:
+                    attack.terminate()
+                    attack.wait()
+                flooded.setup, flooded.test = FLOODED, "flood"
+                report.samples.append(flooded)
+                if progress is not None:
+                    progress(1)
+        finally:
+            sink.terminate()
+            setup.stop()
+
+
 def ratio(report: Report, setup: str, baseline: str | None, test: str, how: str) -> float | None:
     attr = {"mbps": "mbps", "cpu": "cpu_s_per_gb", "rtt": "rtt_p50_us", "fairness": "fairness"}[how]
     mine = report.median(setup, test, attr)
@@ -260,6 +299,9 @@ def target_rows(report: Report) -> list[tuple[str, str, float | None, str, bool 
     if rss:
         rows.append(("relay RSS with 16 streams, MiB", "migrelay-*", max(rss), f"<= {RSS_LIMIT_MIB}",
                      max(rss) <= RSS_LIMIT_MIB))  # fmt: skip
+    flooded = report.values(FLOODED, "flood", "rss_mib")
+    if flooded:
+        rows.append(("relay RSS beside 2000 slow conns, MiB", FLOODED, max(flooded), "(reported)", None))
     return rows
 
 
@@ -269,7 +311,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(report: Report, out: TextIO) -> None:
     tests = sorted({s.test for s in report.samples if s.test.startswith("streams=")}, key=lambda t: int(t[8:]))
-    names = list(dict.fromkeys(s.setup for s in report.samples if s.test != "migration"))
+    names = list(dict.fromkeys(s.setup for s in report.samples if s.test.startswith("streams=") or s.test == "rtt"))
     m = report.machine
     out.write(f"\nmachine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, {m['date']}\n")
     out.write("medians of interleaved runs (min-max); MB/s aggregate, CPU-s/GB of both forwarders\n\n")
@@ -324,7 +366,7 @@ def plot(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tests = sorted({s.test for s in report.samples if s.test.startswith("streams=")}, key=lambda t: int(t[8:]))
-    names = list(dict.fromkeys(s.setup for s in report.samples if s.test != "migration"))
+    names = list(dict.fromkeys(s.setup for s in report.samples if s.test.startswith("streams=")))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(len(tests), 1)
     for i, t in enumerate(tests):

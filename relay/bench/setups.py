@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from relay import pki
+from relay import config, pki
 from relay.demo import write_pair_configs
 from relay.net import free_port
 
@@ -32,6 +32,7 @@ class Setup:
     entry: Path
     sink: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    peer_port: tuple[str, int] | None = None  # a migrelay pair's TLS/tcp port, for the flood bench
 
     def stop(self) -> None:
         for p in self.procs:
@@ -154,8 +155,10 @@ def migrelay(root: Path, transport: str) -> Setup:
     procs = [_spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
     _wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
     _wait_for(base / "hvB" / "control.sock", procs, name)
+    listen = config.load(b_conf).listen[0]
     return Setup(name, "tls" if transport == "tls" else "plain", base / "hvA/hvB/bench.sock",
-                 base / "hvB/hvB/bench.sock", procs)  # fmt: skip
+                 base / "hvB/hvB/bench.sock", procs,
+                 (listen.host, listen.port) if listen.kind != "unix" else None)  # fmt: skip
 
 
 def missing_tools() -> list[str]:
