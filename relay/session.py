@@ -231,9 +231,8 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
             ctx.count_handshake("client", tls)
             names = peer_cert_names(tls.ssl)
             if peer.name not in names:
-                raise PeerUnavailable(
-                    f"certificate at {address} names {', '.join(sorted(names)) or 'nothing'}, not {peer.name}"
-                )
+                named = printable(", ".join(sorted(names))) or "nothing"
+                raise PeerUnavailable(f"certificate at {address} names {named}, not {peer.name}")
         else:
             conn = PlainConn(raw)
         await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
@@ -329,7 +328,8 @@ def _identify(ctx: RelayContext, kind: Transport, request: Request, cert_names: 
     peer = ctx.config.peers.get(request.source)
     if kind == "tls":
         if request.source not in cert_names:
-            raise Refused(STATUS_FORBIDDEN, f"certificate names {', '.join(sorted(cert_names))}, not {request.source}")
+            names = printable(", ".join(sorted(cert_names)))
+            raise Refused(STATUS_FORBIDDEN, f"certificate names {names}, not {request.source}")
         if peer is None:
             raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
     elif peer is None:

@@ -21,9 +21,9 @@ from OpenSSL import SSL
 from relay import config
 from relay.config import Config, TlsFiles
 from relay.datapath import TlsConn
-from relay.errors import RemoteError
+from relay.errors import STATUS_FORBIDDEN, RemoteError
 from relay.net import free_port
-from relay.protocol import Request, encode_request
+from relay.protocol import Reply, Request, encode_reply, encode_request
 from relay.tlsconfig import client_context
 from tests.integration.test_relays import counted, echo_server, eventually, running
 from tests.support import Pki, connect, listen, make_pki, odd_version_certificate, pair_configs
@@ -136,3 +136,46 @@ async def test_a_server_certificate_cryptography_cannot_read_fails_only_that_dia
         n.cancel_scope.cancel()
     assert fake.handshakes == 2
     assert "cannot be read" in caplog.text or "unreadable: 5 is not a valid X509 version" in caplog.text
+
+
+FORGED = "x\nmigrelay ERROR migrelay.session: forged line \x1b[31m\u202e"
+
+
+async def test_a_socket_name_cannot_forge_log_lines(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(a, b):
+        conn = await dial_with(b, p.dir / "hvA.pem", p.dir / "hvA-key.pem", p.dir / "ca.pem")
+        await conn.send_all(memoryview(encode_request(Request("hvA", FORGED + "y" * 200, 1))))
+        with trio.fail_after(5):
+            while await conn.recv_into(memoryview(bytearray(2048))):
+                pass
+        conn.close()
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals, caplog.text
+    for message in refusals:
+        assert "\n" not in message and "\x1b" not in message and "\u202e" not in message
+        assert "\\nmigrelay ERROR" in message and "\\x1b[31m" in message and "\\u202e" in message
+        assert "y" * 121 not in message  # cut: a peer cannot flood the journal through one line
+
+
+async def test_a_refusal_reason_cannot_forge_log_lines(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something answering at the peer's unix address replies with a reason full of control characters."""
+    a, _ = pair_configs(tmp_path, p, "unix")
+    async with running(a), trio.open_nursery() as n:
+        listener = await listen(tmp_path / "hvB-peer.sock")
+
+        async def fake_peer() -> None:
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.recv(4096)
+                await conn.send(encode_reply(Reply(STATUS_FORBIDDEN, FORGED)))
+
+        n.start_soon(fake_peer)
+        sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+        with trio.fail_after(10):
+            assert await sock.recv(10) == b""
+        sock.close()
+    lines = [r.getMessage() for r in caplog.records if "refused by hvB" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\\nmigrelay ERROR" in lines[0], lines
