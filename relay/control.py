@@ -21,6 +21,7 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +44,11 @@ _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 class ControlError(LocalError):
     """A control request that cannot be done (unknown peer, unknown session, bad request)."""
+
+
+def new_session_id() -> str:
+    """A fresh session id: short, since it is part of socket paths, and random, so it is not guessed."""
+    return secrets.token_hex(4)
 
 
 @dataclass
@@ -74,9 +80,16 @@ class OverlaySession:
 class Control:
     """Owns the sessions of one relay; served over the control socket."""
 
-    def __init__(self, ctx: RelayContext, streams: trio.Nursery, started: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RelayContext,
+        streams: trio.Nursery,
+        started: float | None = None,
+        session_ids: Callable[[], str] = new_session_id,
+    ) -> None:
         self.ctx = ctx
         self.streams = streams
+        self.session_ids = session_ids  # a parameter so that tests can know a session's paths in advance
         self.sessions: dict[str, OverlaySession] = {}
         self.started = started if started is not None else time.time()
         self._nursery: trio.Nursery | None = None
@@ -95,7 +108,7 @@ class Control:
         if not channels:
             raise ControlError(f"peer {peer_name} allows neither migration.sock nor nbd.sock")
         assert self._nursery is not None, "Control.serve() must be running"
-        session_id = secrets.token_hex(4)
+        session_id = self.session_ids()
         folder = peer_dir(cfg.socket_dir, peer.name)
         listeners: list[tuple[trio.socket.SocketType, str]] = []
         sockets: dict[str, Path] = {}
