@@ -77,9 +77,11 @@ async def test_idle_sessions_expire_busy_ones_do_not(tmp_path: Path, p: Pki, pat
         idle = await ra.control.open("hvB")
         busy = await ra.control.open("hvB")
         conns: list[trio.socket.SocketType] = []
+        # bound before the client connects: trio binds unix sockets in a thread, and a connection
+        # arriving between bind() and listen() is refused ("nothing listens")
+        listener = await listen(tmp_path / f"hvB/hvB/{busy.id}-migration.sock")
 
         async def hold_open() -> None:  # a far end that keeps the stream running
-            listener = await listen(tmp_path / f"hvB/hvB/{busy.id}-migration.sock")
             conn, _ = await listener.accept()
             conns.append(conn)
             await trio.sleep_forever()
