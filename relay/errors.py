@@ -27,6 +27,10 @@ class PkiError(LocalError):
     """A certificate or key is missing, unreadable, expired or does not match."""
 
 
+class ControlError(LocalError):
+    """A control request that cannot be done (unknown peer, unknown session, bad request)."""
+
+
 class RemoteError(RelayError):
     """Something the other side of a connection did; routine for a relay."""
 
