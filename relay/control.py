@@ -18,6 +18,7 @@ and answered "internal error"; either way only that connection ends.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -200,21 +201,28 @@ class Control:
     async def _run_session(self, session: OverlaySession, listeners: list[tuple[trio.socket.SocketType, str]]) -> None:
         peer = self.ctx.config.peers[session.peer]
         try:
-            with session.scope:
-                async with trio.open_nursery() as nursery:
-                    for sock, name in listeners:
-                        nursery.start_soon(
-                            accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
-                        )
-                    await self._expire_when_idle(session)
-                    log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
-                             self.ctx.config.session_idle_s)  # fmt: skip
-                    nursery.cancel_scope.cancel()
+            # every listener is closed and every socket file removed, even if removing one fails
+            with contextlib.ExitStack() as cleanup:
+                for path in session.sockets.values():
+                    cleanup.callback(path.unlink, missing_ok=True)
+                for sock, _ in listeners:
+                    cleanup.callback(sock.close)
+                with session.scope:
+                    async with trio.open_nursery() as nursery:
+                        for sock, name in listeners:
+                            nursery.start_soon(
+                                accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
+                            )
+                        await self._expire_when_idle(session)
+                        log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
+                                 self.ctx.config.session_idle_s)  # fmt: skip
+                        nursery.cancel_scope.cancel()
+        except Exception:
+            # Whatever ends one session badly (a bug, a listener that broke, a socket file that
+            # cannot be removed) ends that session only; cancellation passes through.
+            log.exception("session %s to %s failed; the relay goes on", session.id, session.peer)
+            self.ctx.metrics.internal_errors.labels("control").inc()
         finally:
-            for sock, _ in listeners:
-                sock.close()
-            for path in session.sockets.values():
-                path.unlink(missing_ok=True)
             del self.sessions[session.id]
             log.info("session %s to %s closed", session.id, session.peer)
 

@@ -31,7 +31,7 @@ from relay.control_protocol import MAX_NESTING, MAX_REQUEST_BYTES
 from relay.metrics import Metrics
 from relay.server import Relay
 from relay.session import RelayContext
-from tests.integration.test_relays import counted, echo_server, roundtrip
+from tests.integration.test_relays import counted, echo_server, eventually, roundtrip
 from tests.integration.test_sessions import ask
 from tests.support import Pki, connect, listen, make_pki, pair_configs
 
@@ -273,3 +273,26 @@ async def test_accept_goes_on_after_a_client_gave_up(tmp_path: Path, p: Pki) -> 
             control = Control(RelayContext(a, Metrics()), nursery)
             await control.serve_on(FlakyListener(real, [errno.EBADF]))  # type: ignore[arg-type]
     assert raised.group_contains(OSError, match="Bad file descriptor", depth=2)
+
+
+async def test_a_session_that_cannot_clean_up_ends_alone(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session's task is the control socket's too: if it fails (here: its socket was replaced by
+    a folder, so removing it fails), that session ends, logged and counted; the relay goes on."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with relays(tmp_path, a, b, session_ids=["gone", "next"]) as ra:
+        assert ra.control is not None
+        await ask(a.control_path, "open", peer="hvB")
+        path = tmp_path / "hvA/hvB/gone-migration.sock"
+        path.unlink()
+        path.mkdir()
+        with caplog.at_level(logging.ERROR, logger="migrelay.control"):
+            await ask(a.control_path, "close", id="gone")
+            await eventually(lambda: ra.control is not None and ra.control.sessions == {})
+        assert internal_errors(ra) == 1
+        assert [r.exc_info is not None for r in caplog.records if r.name == "migrelay.control"] == [True]
+        assert not (tmp_path / "hvA/hvB/gone-nbd.sock").exists()  # the rest was still cleaned up
+        await still_serving(tmp_path, ra, 6)
+        session = await ask(a.control_path, "open", peer="hvB")
+        assert isinstance(session, dict) and session["id"] == "next"
