@@ -1,16 +1,20 @@
 # make demo: two relays on loopback, fresh certificates, a stream through them.
-# make test: installs what the tests need (Debian packages + a virtualenv), then ruff, mypy, pytest.
+# make test: installs what the tests need (Debian packages + a virtualenv), then ruff, mypy, pytest
+#            (pytest includes a few seconds of each fuzz target: FUZZ_TEST_S, default 4).
+# make fuzz: each coverage-guided fuzz target (tests/fuzz/run.py) for FUZZ_S seconds; corpus and findings in .fuzz/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_SIZE ?= 4G
+FUZZ_S ?= 300
+FUZZ_TARGETS := request reply control
 # what the tests run for real: QEMU (e2e migrations), libvirt (two daemons; libvirt-dev + pkg-config
 # build libvirt-python), socat/stunnel (bench baselines), systemd-socket-activate, iproute2 + nftables
 # (relays in network namespaces over a veth pair that tests blackhole)
 DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	socat stunnel4 haproxy systemd iproute2 nftables util-linux
 
-.PHONY: demo test venv deps lint unit integration e2e clean
+.PHONY: demo test venv deps lint unit integration e2e fuzz clean
 
 # two stages: the demo needs only the package, the tests also build libvirt-python
 $(VENV)/.base: pyproject.toml
@@ -51,5 +55,13 @@ integration: venv
 e2e: deps venv
 	$(VENV)/bin/pytest -q tests/e2e
 
+fuzz: venv
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzzing $$t for $(FUZZ_S)s (corpus .fuzz/corpus/$$t, findings .fuzz/findings/)"; \
+		mkdir -p .fuzz/findings && \
+		$(PY) -m tests.fuzz.run $$t -max_total_time=$(FUZZ_S) -timeout=10 -print_final_stats=1 \
+			-artifact_prefix=.fuzz/findings/$$t- .fuzz/corpus/$$t || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .fuzz

@@ -6,14 +6,19 @@ migrations to the same peer get distinct destination paths (two destination QEMU
 cannot listen on one path). It ends when closed, or after `session_idle_s` without a
 stream; streams already running keep going either way.
 
-Wire format: one JSON object per line. Request `{"op": "open", "peer": "hv2"}`;
-answer `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. Only root
-(or the daemon's own user) may connect: the socket is 0600 and peers are checked
-with SO_PEERCRED.
+Wire format (parsed and encoded, sans-IO, in control_protocol.py): one JSON object per
+line. Request `{"op": "open", "peer": "hv2"}`; answer `{"ok": true, "result": ...}` or
+`{"ok": false, "error": "..."}`. Only root (or the daemon's own user) may connect: the
+socket is 0600 and peers are checked with SO_PEERCRED.
+
+No request ends the daemon: a bad one, or one that cannot be done, gets a one-line error;
+a bug is logged with its traceback, counted (migrelay_internal_errors_total{where="control"})
+and answered "internal error"; either way only that connection ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,14 +26,26 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 import trio
 
 from relay import net
-from relay.errors import LocalError
+from relay.control_protocol import (
+    CloseSession,
+    ControlRequest,
+    GetStatus,
+    ListSessions,
+    OpenSession,
+    RequestReader,
+    decode_answer,
+    encode_error,
+    encode_result,
+)
+from relay.errors import ControlError, LocalError
 from relay.overlay import LIBVIRT_CHANNEL, SESSION_ID_CHARS, peer_dir, session_name, unix_path_problem
 from relay.session import Activity, RelayContext, accept_outbound_loop
 
@@ -36,13 +53,17 @@ log = logging.getLogger("migrelay.control")
 
 SESSION_CHANNELS: Final = ("migration.sock", "nbd.sock")
 CONTROL_MODE: Final = 0o600
-MAX_REQUEST_BYTES: Final = 64 * 1024
+RECV_BYTES: Final = 16 * 1024
 REQUEST_TIMEOUT_S: Final = 5.0
+# A client that does not read its answer must not hold a task (and its socket) forever.
+ANSWER_TIMEOUT_S: Final = 5.0
+INTERNAL_ERROR: Final = "internal error (the relay's log has the details)"
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 
-class ControlError(LocalError):
-    """A control request that cannot be done (unknown peer, unknown session, bad request)."""
+def new_session_id() -> str:
+    """A fresh session id: short, since it is part of socket paths, and random, so it is not guessed."""
+    return secrets.token_hex(SESSION_ID_CHARS // 2)
 
 
 @dataclass
@@ -74,9 +95,16 @@ class OverlaySession:
 class Control:
     """Owns the sessions of one relay; served over the control socket."""
 
-    def __init__(self, ctx: RelayContext, streams: trio.Nursery, started: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RelayContext,
+        streams: trio.Nursery,
+        started: float | None = None,
+        session_ids: Callable[[], str] = new_session_id,
+    ) -> None:
         self.ctx = ctx
         self.streams = streams
+        self.session_ids = session_ids  # a parameter so that tests can know a session's paths in advance
         self.sessions: dict[str, OverlaySession] = {}
         self.started = started if started is not None else time.time()
         self._nursery: trio.Nursery | None = None
@@ -95,8 +123,15 @@ class Control:
         if not channels:
             raise ControlError(f"peer {peer_name} allows neither migration.sock nor nbd.sock")
         assert self._nursery is not None, "Control.serve() must be running"
-        session_id = secrets.token_hex(SESSION_ID_CHARS // 2)
+        session_id = self.session_ids()
         folder = peer_dir(cfg.socket_dir, peer.name)
+        # Not recreated here: the peer's own sockets (libvirt.sock, named in the answer's desturi)
+        # went with it, and only a restart binds those again.
+        if not folder.is_dir():
+            raise ControlError(
+                f"cannot open a session to {peer.name}: its overlay folder {folder} is missing "
+                "(removed while the relay runs?); restart the relay to recreate it and its sockets"
+            )
         listeners: list[tuple[trio.socket.SocketType, str]] = []
         sockets: dict[str, Path] = {}
         try:
@@ -164,21 +199,28 @@ class Control:
     async def _run_session(self, session: OverlaySession, listeners: list[tuple[trio.socket.SocketType, str]]) -> None:
         peer = self.ctx.config.peers[session.peer]
         try:
-            with session.scope:
-                async with trio.open_nursery() as nursery:
-                    for sock, name in listeners:
-                        nursery.start_soon(
-                            accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
-                        )
-                    await self._expire_when_idle(session)
-                    log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
-                             self.ctx.config.session_idle_s)  # fmt: skip
-                    nursery.cancel_scope.cancel()
+            # every listener is closed and every socket file removed, even if removing one fails
+            with contextlib.ExitStack() as cleanup:
+                for path in session.sockets.values():
+                    cleanup.callback(path.unlink, missing_ok=True)
+                for sock, _ in listeners:
+                    cleanup.callback(sock.close)
+                with session.scope:
+                    async with trio.open_nursery() as nursery:
+                        for sock, name in listeners:
+                            nursery.start_soon(
+                                accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
+                            )
+                        await self._expire_when_idle(session)
+                        log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
+                                 self.ctx.config.session_idle_s)  # fmt: skip
+                        nursery.cancel_scope.cancel()
+        except Exception:
+            # Whatever ends one session badly (a bug, a listener that broke, a socket file that
+            # cannot be removed) ends that session only; cancellation passes through.
+            log.exception("session %s to %s failed; the relay goes on", session.id, session.peer)
+            self.ctx.metrics.internal_errors.labels("control").inc()
         finally:
-            for sock, _ in listeners:
-                sock.close()
-            for path in session.sockets.values():
-                path.unlink(missing_ok=True)
             del self.sessions[session.id]
             log.info("session %s to %s closed", session.id, session.peer)
 
@@ -192,58 +234,98 @@ class Control:
         """Listen on the control socket; also the home of every session's tasks."""
         listener = await net.listen_unix(path, CONTROL_MODE)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                while True:
-                    sock = await net.accept(listener)
-                    nursery.start_soon(self._answer, sock)
+            await self.serve_on(listener, task_status=task_status)
         finally:
             listener.close()
             path.unlink(missing_ok=True)  # noqa: ASYNC240  (a local socket file: no I/O worth a thread)
 
-    async def _answer(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            if uid not in (0, os.geteuid()):
-                log.warning("control: refused pid %d uid %d (root only)", pid, uid)
-                return
-            data = b""
-            with trio.move_on_after(REQUEST_TIMEOUT_S):
-                while b"\n" not in data and len(data) < MAX_REQUEST_BYTES:
-                    chunk = await sock.recv(MAX_REQUEST_BYTES)
-                    if not chunk:
-                        break
-                    data += chunk
-            try:
-                answer = {"ok": True, "result": await self._dispatch(data)}
-            except ControlError as e:
-                answer = {"ok": False, "error": str(e)}
-            payload = json.dumps(answer).encode() + b"\n"
-            try:
-                while payload:
-                    payload = payload[await sock.send(payload) :]
-            except OSError as e:
-                log.info("control client left before the answer: %s", e.strerror)
+    async def serve_on(
+        self, listener: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Answer clients of a bound listener until cancelled; ends only if the listener cannot go on."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                # net.accept goes on after a client's own failure (ECONNABORTED, EPROTO, EPERM)
+                # and raises ListenerFailed when the listener cannot go on
+                sock = await net.accept(listener)
+                nursery.start_soon(self._answer, sock)
 
-    async def _dispatch(self, data: bytes) -> Any:
+    async def _answer(self, sock: trio.socket.SocketType) -> None:
+        """One connection, one request, one answer; whatever happens, only this connection ends."""
+        with sock:
+            try:
+                answer = await self._respond(sock)
+            except Exception:
+                # A bug (ours or a library's): the one log line with the traceback, the count, and
+                # a best-effort answer. Cancellation is a BaseException and passes through.
+                log.exception("control: internal error; this request failed, the relay goes on")
+                self.ctx.metrics.internal_errors.labels("control").inc()
+                answer = encode_error(INTERNAL_ERROR)
+            if answer is not None:
+                await _send_answer(sock, answer)
+
+    async def _respond(self, sock: trio.socket.SocketType) -> bytes | None:
+        """Read, check and do one request; the encoded answer (None: the client gets none)."""
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid not in (0, os.geteuid()):
+            log.warning("control: refused pid %d uid %d (root only)", pid, uid)
+            return None
         try:
-            request = json.loads(data.split(b"\n", 1)[0])
-        except ValueError:
-            raise ControlError("request is not one line of JSON") from None
-        if not isinstance(request, dict):
-            raise ControlError("request must be a JSON object")
-        op = request.get("op")
-        if op == "open":
-            return (await self.open(str(request.get("peer", "")))).describe()
-        if op == "close":
-            self.close(str(request.get("id", "")))
-            return {"closed": request["id"]}
-        if op == "list":
+            request = await _read_request(sock)
+            if request is None:
+                return None
+            result = await self._dispatch(request)
+        except ControlError as e:  # a bad request, or one that cannot be done
+            log.info("control: request refused: %s", e)
+            return encode_error(str(e))
+        except LocalError as e:  # this host needs fixing (e.g. a file in the way of a session socket)
+            log.warning("control: request failed: %s", e)
+            return encode_error(str(e))
+        return encode_result(result)
+
+    async def _dispatch(self, request: ControlRequest) -> Any:
+        if isinstance(request, OpenSession):
+            return (await self.open(request.peer)).describe()
+        if isinstance(request, CloseSession):
+            self.close(request.id)
+            return {"closed": request.id}
+        if isinstance(request, ListSessions):
             return [s.describe() for s in self.sessions.values()]
-        if op == "status":
+        if isinstance(request, GetStatus):
             return self.status()
-        raise ControlError(f"unknown op {op!r} (open, close, list, status)")
+        assert_never(request)
+
+
+async def _read_request(sock: trio.socket.SocketType) -> ControlRequest | None:
+    """The client's one request, or BadControlRequest, or None if it reset the connection (routine).
+
+    Never holds more than the reader's bound.
+    """
+    reader = RequestReader()
+    with trio.move_on_after(REQUEST_TIMEOUT_S):
+        try:
+            while chunk := await sock.recv(RECV_BYTES):
+                if (request := reader.feed(chunk)) is not None:
+                    return request
+        except OSError as e:
+            log.info("control: client left before its request was read: %s", e.strerror)
+            return None
+        return reader.eof()
+    raise ControlError(f"no complete request within {REQUEST_TIMEOUT_S:.0f}s")
+
+
+async def _send_answer(sock: trio.socket.SocketType, answer: bytes) -> None:
+    """Best effort: a client that has left or stopped reading loses its answer, nothing else."""
+    with trio.move_on_after(ANSWER_TIMEOUT_S) as scope:
+        try:
+            while answer:
+                answer = answer[await sock.send(answer) :]
+        except OSError as e:
+            log.info("control client left before the answer: %s", e.strerror)
+    if scope.cancelled_caught:
+        log.info("control client did not read its answer within %.0fs", ANSWER_TIMEOUT_S)
 
 
 def request(path: Path, op: str, timeout_s: float = 10.0, **args: str) -> Any:
@@ -260,10 +342,4 @@ def request(path: Path, op: str, timeout_s: float = 10.0, **args: str) -> Any:
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        raise ControlError(f"the relay sent an unreadable answer: {data[:100]!r}") from None
-    if not answer.get("ok"):
-        raise ControlError(str(answer.get("error")))
-    return answer["result"]
+    return decode_answer(data)

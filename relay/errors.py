@@ -56,6 +56,10 @@ class NoTarget(RelayError):
     """
 
 
+class ControlError(LocalError):
+    """A control request that cannot be done (unknown peer, unknown session, bad request)."""
+
+
 class RemoteError(RelayError):
     """Something the other side of a connection did; routine for a relay."""
 

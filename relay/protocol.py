@@ -20,6 +20,10 @@ Reply (accepting relay -> dialling relay):
      +--------+-----+-----+--------+-----+------------+
      | "MGRL" | ver | 2   | status | pad | reason_len |  reason (UTF-8)
      +--------+-----+-----+--------+-----+------------+
+
+pad is reserved and must be 0. A reader refuses a wrong field on the byte that completes it
+(magic, version, type, a length, the status, pad), not once the fixed part is in: a relay
+must not wait, for as long as a handshake may take, on a header it already knows is wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ MAX_REASON_BYTES: Final = 1024
 
 REQUEST_FIXED: Final = struct.Struct(">4sBBHHQ")
 REPLY_FIXED: Final = struct.Struct(">4sBBBxH")
+# Offsets of the fields a reader judges on their own, from the drawings above.
+_REQUEST_SRC_LEN: Final = 6
+_REQUEST_NAME_LEN: Final = 8
+_REPLY_STATUS: Final = 6
+_REPLY_PAD: Final = 7
+_REPLY_REASON_LEN: Final = 8
 # Upper bounds on what a reader ever buffers.
 MAX_REQUEST_BYTES: Final = REQUEST_FIXED.size + 2 * MAX_NAME_BYTES
 MAX_REPLY_BYTES: Final = REPLY_FIXED.size + MAX_REASON_BYTES
@@ -82,7 +92,7 @@ def encode_reply(reply: Reply) -> bytes:
 
 
 def _check_prefix(buf: bytes | bytearray, expected_type: int) -> None:
-    """Fail as early as the first bytes allow: a relay must not wait for more garbage."""
+    """The fields both headers share, each judged as soon as its byte is in."""
     seen = bytes(buf[:4])
     if MAGIC[: len(seen)] != seen:
         raise ProtocolError(f"not a migrelay header (starts with {seen!r})")
@@ -90,6 +100,11 @@ def _check_prefix(buf: bytes | bytearray, expected_type: int) -> None:
         raise UnsupportedVersion(f"header version {buf[4]} is not supported (this relay speaks {VERSION})")
     if len(buf) > 5 and buf[5] != expected_type:
         raise ProtocolError(f"unexpected header type {buf[5]} (expected {expected_type})")
+
+
+def _u16(buf: bytes | bytearray, offset: int) -> int | None:
+    """A big-endian 16-bit field, or None while its bytes are not all in."""
+    return int.from_bytes(buf[offset : offset + 2], "big") if len(buf) >= offset + 2 else None
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -122,9 +137,11 @@ class _Reader(Generic[T]):
         if self.message is not None:
             raise RuntimeError("header already complete; the rest belongs to the stream")
         self._buf += data
-        _check_prefix(self._buf, self._type)
-        if self._total is None and len(self._buf) >= self._fixed.size:
-            self._total = self._fixed.size + self._body_len(self._fixed.unpack_from(self._buf))
+        if self._total is None:
+            _check_prefix(self._buf, self._type)
+            self._check_fields(self._buf)
+            if len(self._buf) >= self._fixed.size:
+                self._total = self._fixed.size + self._body_len(self._fixed.unpack_from(self._buf))
         if self._total is None or len(self._buf) < self._total:
             return None
         self.message = self._decode(bytes(self._buf[: self._total]))
@@ -132,12 +149,22 @@ class _Reader(Generic[T]):
         self._buf.clear()
         return self.message
 
+    @property
+    def buffered(self) -> int:
+        """Header bytes held while waiting for the rest (never more than the header's bound)."""
+        return len(self._buf)
+
     def wanted(self) -> int:
         """How many more bytes would complete the header (a lower bound before the fixed part)."""
         target = self._total if self._total is not None else self._fixed.size
         return max(target - len(self._buf), 1)
 
+    def _check_fields(self, buf: bytearray) -> None:
+        """Refuse any field of the fixed part that is wrong on its own, as soon as it is in."""
+        raise NotImplementedError
+
     def _body_len(self, fields: tuple[int, ...]) -> int:
+        """The body's length; the fields have passed _check_fields."""
         raise NotImplementedError
 
     def _decode(self, raw: bytes) -> T:
@@ -148,12 +175,14 @@ class RequestReader(_Reader[Request]):
     _fixed = REQUEST_FIXED
     _type = TYPE_REQUEST
 
+    def _check_fields(self, buf: bytearray) -> None:
+        for offset, what in ((_REQUEST_SRC_LEN, "source relay name"), (_REQUEST_NAME_LEN, "socket name")):
+            length = _u16(buf, offset)
+            if length is not None and not 0 < length <= MAX_NAME_BYTES:
+                raise ProtocolError(f"header too large or empty: {what} of {length} bytes (1-{MAX_NAME_BYTES})")
+
     def _body_len(self, fields: tuple[int, ...]) -> int:
         src_len, name_len = fields[3], fields[4]
-        if not 0 < src_len <= MAX_NAME_BYTES or not 0 < name_len <= MAX_NAME_BYTES:
-            raise ProtocolError(
-                f"header too large or empty: source {src_len} bytes, name {name_len} bytes (each 1-{MAX_NAME_BYTES})"
-            )
         return src_len + name_len
 
     def _decode(self, raw: bytes) -> Request:
@@ -170,13 +199,17 @@ class ReplyReader(_Reader[Reply]):
     _fixed = REPLY_FIXED
     _type = TYPE_REPLY
 
-    def _body_len(self, fields: tuple[int, ...]) -> int:
-        status, reason_len = fields[3], fields[4]
-        if status not in STATUS_NAMES:
-            raise ProtocolError(f"unknown reply status {status}")
-        if reason_len > MAX_REASON_BYTES:
+    def _check_fields(self, buf: bytearray) -> None:
+        if len(buf) > _REPLY_STATUS and buf[_REPLY_STATUS] not in STATUS_NAMES:
+            raise ProtocolError(f"unknown reply status {buf[_REPLY_STATUS]}")
+        if len(buf) > _REPLY_PAD and buf[_REPLY_PAD] != 0:
+            raise ProtocolError(f"reply pad byte is {buf[_REPLY_PAD]}, not 0")
+        reason_len = _u16(buf, _REPLY_REASON_LEN)
+        if reason_len is not None and reason_len > MAX_REASON_BYTES:
             raise ProtocolError(f"reply reason too large: {reason_len} bytes (max {MAX_REASON_BYTES})")
-        return reason_len
+
+    def _body_len(self, fields: tuple[int, ...]) -> int:
+        return fields[4]
 
     def _decode(self, raw: bytes) -> Reply:
         _, _, _, status, _ = REPLY_FIXED.unpack_from(raw)

@@ -15,7 +15,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import trio
 
 from relay import net
 from relay.config import Address, Config
-from relay.control import Control
+from relay.control import Control, new_session_id
 from relay.errors import InternalError, LocalError, printable
 from relay.metrics import Metrics, serve_metrics
 from relay.overlay import LIBVIRT_CHANNEL, peer_dir
@@ -53,6 +53,7 @@ class Relay:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     control: Control | None = None
     context: RelayContext | None = None  # set by run(): what its connections share
+    session_ids: Callable[[], str] = new_session_id
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
 
@@ -132,7 +133,7 @@ class Relay:
                     for sock, peer_name, name in outbound:
                         peer = self.config.peers[peer_name]
                         accepting.start_soon(accept_outbound_loop, ctx, sock, peer, name, streams)
-                    self.control = Control(ctx, streams)
+                    self.control = Control(ctx, streams, session_ids=self.session_ids)
                     await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)

@@ -77,16 +77,16 @@ async def test_idle_sessions_expire_busy_ones_do_not(tmp_path: Path, p: Pki, pat
         idle = await ra.control.open("hvB")
         busy = await ra.control.open("hvB")
         conns: list[trio.socket.SocketType] = []
+        # bound before the client connects: trio binds unix sockets in a thread, and a connection
+        # arriving between bind() and listen() is refused ("nothing listens")
+        listener = await listen(tmp_path / f"hvB/hvB/hvA_{busy.id}-migration.sock")
 
-        async def hold_open(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            """A far end that keeps the stream running."""
-            listener = await listen(tmp_path / f"hvB/hvB/hvA_{busy.id}-migration.sock")
-            task_status.started()
+        async def hold_open() -> None:  # a far end that keeps the stream running
             conn, _ = await listener.accept()
             conns.append(conn)
             await trio.sleep_forever()
 
-        await servers.start(hold_open)
+        servers.start_soon(hold_open)
         client = await connect(busy.sockets["migration.sock"])
         await client.send(b"x")
         await eventually(lambda: busy.activity.active == 1)

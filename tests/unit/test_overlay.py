@@ -55,7 +55,7 @@ def test_policy() -> None:
 def test_pure_core_imports_no_io_frameworks() -> None:
     """The sans-IO core must stay importable without trio, sockets libraries or libvirt."""
     code = (
-        "import sys, relay.protocol, relay.config, relay.overlay, relay.errors;"
+        "import sys, relay.protocol, relay.control_protocol, relay.config, relay.overlay, relay.errors;"
         "bad = {'trio', 'OpenSSL', 'libvirt', 'prometheus_client'} & set(sys.modules);"
         "print(sorted(bad)); sys.exit(1 if bad else 0)"
     )
