@@ -10,9 +10,11 @@ FUZZ_S ?= 300
 FUZZ_TARGETS := request reply control
 # what the tests run for real: QEMU (e2e migrations), libvirt (two daemons; libvirt-dev + pkg-config
 # build libvirt-python), socat/stunnel (bench baselines), systemd-socket-activate, iproute2 + nftables
-# (relays in network namespaces over a veth pair that tests blackhole)
+# (relays in network namespaces over a veth pair that tests blackhole), systemd-analyze + setpriv +
+# python3-seccomp (relays under systemd/migrelay.service's own sandbox, tests/unit_sandbox.py;
+# libvirt-daemon-system brings the libvirt-qemu user they run QEMU stand-ins as)
 DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
-	socat stunnel4 haproxy systemd iproute2 nftables util-linux
+	socat stunnel4 haproxy systemd iproute2 nftables util-linux python3-seccomp
 
 .PHONY: demo test venv deps lint unit integration e2e fuzz clean
 

@@ -66,8 +66,9 @@ def serve(
             if time.monotonic() > deadline:
                 raise AssertionError("relays not ready: " + " | ".join(s.output() for s in started))
             for s in started:
-                if s.proc.poll() is not None:
-                    raise AssertionError(f"relay {s.config.name} exited: {s.output()}")
+                if (status := s.proc.poll()) is not None:
+                    how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with {status}"
+                    raise AssertionError(f"relay {s.config.name} {how}: {s.output()}")
             with contextlib.suppress(TimeoutError):
                 ready += b"READY=1" in notify.recv(4096).split(b"\n")
         yield started
