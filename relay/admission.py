@@ -98,14 +98,20 @@ class _Pool:
         return len(self.by_key.get(key, ()))
 
     def evict_one(self) -> bool:
-        """Close the oldest connection of the address holding the most; False if none can be."""
-        for group in sorted(self.by_key.values(), key=len, reverse=True):
-            for held in group:
-                if held.evict is not None:
-                    self._remove(held)
-                    held.evict()
-                    return True
-        return False
+        """Close the oldest connection of the address holding the most; False if none can be.
+
+        Among addresses holding as many, the one that has held slots longest goes first
+        (dicts keep insertion order, and max() returns the first maximum): a peer relay's
+        address holds a slot only for its handshake, so it is never the oldest one.
+        """
+        candidates = [group for group in self.by_key.values() if any(h.evict is not None for h in group)]
+        if not candidates:
+            return False
+        victim = next(h for h in max(candidates, key=len) if h.evict is not None)
+        self._remove(victim)
+        assert victim.evict is not None
+        victim.evict()
+        return True
 
 
 class Admission:
