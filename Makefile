@@ -2,12 +2,15 @@
 # make test: installs what the tests need (Debian packages + a virtualenv), then ruff, mypy, pytest
 #            (pytest includes a few seconds of each fuzz target: FUZZ_TEST_S, default 4).
 # make fuzz: each coverage-guided fuzz target (tests/fuzz/run.py) for FUZZ_S seconds; corpus and findings in .fuzz/
+# make soak: the load soak for SOAK_S seconds (default 600; make test runs it for 90) and 100 injected faults.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_SIZE ?= 4G
 FUZZ_S ?= 300
 FUZZ_TARGETS := request reply control
+SOAK_S ?= 600
+SOAK_TESTS := tests/e2e/test_soak_tls_pair.py tests/e2e/test_injected_faults.py
 # what the tests run for real: QEMU (e2e migrations), libvirt (two daemons; libvirt-dev + pkg-config
 # build libvirt-python), socat/stunnel (bench baselines), systemd-socket-activate, iproute2 + nftables
 # (relays in network namespaces over a veth pair that tests blackhole), systemd-analyze + setpriv +
@@ -16,7 +19,7 @@ FUZZ_TARGETS := request reply control
 DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	socat stunnel4 haproxy systemd iproute2 nftables util-linux python3-seccomp
 
-.PHONY: demo test venv deps lint unit integration e2e fuzz clean
+.PHONY: demo test venv deps lint unit integration e2e fuzz soak clean
 
 # two stages: the demo needs only the package, the tests also build libvirt-python
 $(VENV)/.base: pyproject.toml
@@ -56,6 +59,8 @@ integration: venv
 	$(VENV)/bin/pytest -q tests/integration
 e2e: deps venv
 	$(VENV)/bin/pytest -q tests/e2e
+soak: deps venv
+	SOAK_S=$(SOAK_S) $(VENV)/bin/pytest -q -p no:cacheprovider $(SOAK_TESTS)
 
 fuzz: venv
 	@for t in $(FUZZ_TARGETS); do \
