@@ -35,11 +35,12 @@ MAX_LIMIT: Final = 1_000_000
 DEFAULT_TCP_KEEPALIVE_IDLE_S: Final = 20
 DEFAULT_TCP_KEEPALIVE_INTERVAL_S: Final = 5
 DEFAULT_TCP_KEEPALIVE_COUNT: Final = 4
-DEFAULT_TCP_USER_TIMEOUT_S: Final = 40.0
+DEFAULT_TCP_ACK_TIMEOUT_S: Final = 40.0
 # Linux's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (probes)
 MAX_TCP_KEEPALIVE_S: Final = 32767
 MAX_TCP_KEEPALIVE_COUNT: Final = 127
-MAX_TCP_USER_TIMEOUT_S: Final = (2**31 - 1) / 1000  # the option is an int of milliseconds
+MAX_TCP_ACK_TIMEOUT_S: Final = 86400.0
+MIN_TCP_ACK_TIMEOUT_S: Final = 0.1
 
 Transport = Literal["tls", "unix", "tcp"]
 
@@ -101,23 +102,22 @@ class Liveness:
     - nothing in flight: after `keepalive_idle_s` without a packet from the peer, a
       probe every `keepalive_interval_s`; `keepalive_count` unanswered probes and the
       connection fails (ETIMEDOUT): 20 + 4 x 5 = 40 s by default;
-    - data sent and never acknowledged (keepalive does not probe then): the connection
-      fails after `user_timeout_s` of it (TCP_USER_TIMEOUT), 40 s by default; without it,
-      tcp_retries2 (15) would take about 15 minutes.
-    Linux lets TCP_USER_TIMEOUT also end keepalive probing (at the first probe past it,
-    whatever the count), so the defaults make the two agree: either way a dead peer is
-    found within 40 s, well under a minute. A live peer that is merely slow to
-    read is not affected: it keeps acknowledging (zero-window probes included).
+    - data sent and never acknowledged, or window probes never answered (keepalive does
+      not probe while anything waits to be sent): the relay ends the connection once the
+      peer has owed an ACK for `ack_timeout_s` (net.watch_acks, from TCP_INFO), 40 s by
+      default; TCP alone would retransmit for about 15 minutes (tcp_retries2).
+    Not TCP_USER_TIMEOUT: Linux applies it to zero-window probing too, so it ends the
+    connection to a live peer that merely stopped reading (a destination QEMU or NBD
+    server stalled on its disk) once its window stays closed that long. A live peer
+    answers every window probe, so the watchdog leaves it alone however long it waits;
+    a peer that dies during such a stall is found when its next probe goes unanswered,
+    and probes back off to one every two minutes in a long stall.
     """
 
     keepalive_idle_s: int = DEFAULT_TCP_KEEPALIVE_IDLE_S
     keepalive_interval_s: int = DEFAULT_TCP_KEEPALIVE_INTERVAL_S
     keepalive_count: int = DEFAULT_TCP_KEEPALIVE_COUNT
-    user_timeout_s: float = DEFAULT_TCP_USER_TIMEOUT_S
-
-    @property
-    def user_timeout_ms(self) -> int:
-        return round(self.user_timeout_s * 1000)
+    ack_timeout_s: float = DEFAULT_TCP_ACK_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class Config:
     libvirt_group: str | None = None  # group that may use <peer>/libvirt.sock (root libvirt there); None: root
     control: Path | None = None  # None: <socket_dir>/control.sock
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
-    liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_user_timeout_s
+    liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_ack_timeout_s
     tls: TlsFiles | None = None
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
@@ -224,7 +224,7 @@ def _liveness_toml(liveness: Liveness) -> list[str]:
         f"tcp_keepalive_idle_s = {liveness.keepalive_idle_s}",
         f"tcp_keepalive_interval_s = {liveness.keepalive_interval_s}",
         f"tcp_keepalive_count = {liveness.keepalive_count}",
-        f"tcp_user_timeout_s = {liveness.user_timeout_s}",
+        f"tcp_ack_timeout_s = {liveness.ack_timeout_s}",
     ]
 
 
@@ -442,15 +442,16 @@ def _check_unix_paths(config: Config) -> None:
 
 
 def _parse_liveness(relay: _Section) -> Liveness:
-    """The [relay] tcp_keepalive_* and tcp_user_timeout_s keys (see Liveness)."""
+    """The [relay] tcp_keepalive_* and tcp_ack_timeout_s keys (see Liveness)."""
     idle = relay.integer("tcp_keepalive_idle_s", DEFAULT_TCP_KEEPALIVE_IDLE_S, MAX_TCP_KEEPALIVE_S)
     interval = relay.integer("tcp_keepalive_interval_s", DEFAULT_TCP_KEEPALIVE_INTERVAL_S, MAX_TCP_KEEPALIVE_S)
     count = relay.integer("tcp_keepalive_count", DEFAULT_TCP_KEEPALIVE_COUNT, MAX_TCP_KEEPALIVE_COUNT)
-    user_timeout = relay.number("tcp_user_timeout_s", DEFAULT_TCP_USER_TIMEOUT_S)
-    # the kernel takes milliseconds: below one, the option would read as 0 = "off"
-    if not 0.001 <= user_timeout <= MAX_TCP_USER_TIMEOUT_S:
-        raise ConfigError(f"[relay] tcp_user_timeout_s: must be 0.001-{MAX_TCP_USER_TIMEOUT_S}, got {user_timeout}")
-    return Liveness(idle, interval, count, user_timeout)
+    ack_timeout = relay.number("tcp_ack_timeout_s", DEFAULT_TCP_ACK_TIMEOUT_S)
+    if not MIN_TCP_ACK_TIMEOUT_S <= ack_timeout <= MAX_TCP_ACK_TIMEOUT_S:
+        raise ConfigError(
+            f"[relay] tcp_ack_timeout_s: must be {MIN_TCP_ACK_TIMEOUT_S}-{MAX_TCP_ACK_TIMEOUT_S:.0f}, got {ack_timeout}"
+        )
+    return Liveness(idle, interval, count, ack_timeout)
 
 
 def _parse_peer(peer_name: str, table: object, self_name: str, base: Path | None) -> PeerConfig:

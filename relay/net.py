@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -41,19 +42,61 @@ def _tune_tcp(sock: trio.socket.SocketType) -> None:
 
 
 def set_liveness(sock: trio.socket.SocketType, liveness: Liveness) -> None:
-    """Let the kernel find a dead peer on a peer TCP connection, idle or not (config.Liveness).
+    """TCP keepalive on a peer TCP connection, so an idle stream to a dead peer fails (config.Liveness).
 
     A peer that vanishes without a FIN or RST (power loss, a partition, a firewall that
-    drops) leaves an idle connection open forever and unacknowledged data retransmitting
-    for ~15 minutes; either way the relay would hold both legs and the source QEMU would
-    wait. With these options the pending read or write fails with ETIMEDOUT and the pump
-    ends the stream as broken.
+    drops) would leave an idle connection open forever: with keepalive, the pending read
+    fails with ETIMEDOUT and the pump ends the stream as broken. Data in flight is
+    watch_acks's business.
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, liveness.keepalive_idle_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, liveness.keepalive_interval_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, liveness.keepalive_count)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, liveness.user_timeout_ms)
+
+
+# struct tcp_info (linux/tcp.h), as far as watch_acks reads it:
+#   0  u8 state, ca_state, retransmits, probes, backoff, options, wscale, flags
+#   8  u32 rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets
+#  44  u32 last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (ms ago)
+_TCP_INFO: Final = struct.Struct("=8B9I4I")
+_TCP_INFO_PROBES: Final = 3
+_TCP_INFO_UNACKED: Final = 12
+_TCP_INFO_LAST_ACK_RECV: Final = 20
+# two checks in a row must agree: one could fall between a window probe and its answer
+ACK_CHECKS_PER_TIMEOUT: Final = 4
+
+
+def owed_ack_s(sock: trio.socket.SocketType) -> float:
+    """How long the peer has owed this connection an ACK: 0 if nothing is outstanding.
+
+    Outstanding is data sent and not yet acknowledged, or a probe not yet answered (a
+    zero-window probe, or a keepalive probe); the time is since the last ACK that arrived.
+    """
+    fields = _TCP_INFO.unpack(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size))
+    if not fields[_TCP_INFO_UNACKED] and not fields[_TCP_INFO_PROBES]:
+        return 0.0
+    return float(fields[_TCP_INFO_LAST_ACK_RECV]) / 1000
+
+
+async def watch_acks(sock: trio.socket.SocketType, liveness: Liveness) -> None:
+    """Raise OSError(ETIMEDOUT) once the peer has owed an ACK for liveness.ack_timeout_s.
+
+    Runs beside a stream's pumps on its peer TCP connection. A live peer acknowledges
+    data within round trips and answers every window probe, however long it keeps its
+    window closed; only a dead or cut-off one owes ACKs for long.
+    """
+    period_s = liveness.ack_timeout_s / ACK_CHECKS_PER_TIMEOUT
+    strikes = 0
+    while True:
+        await trio.sleep(period_s)
+        try:
+            owed_s = owed_ack_s(sock)
+        except OSError:
+            return  # closed under us: the pumps say why
+        strikes = strikes + 1 if owed_s >= liveness.ack_timeout_s else 0
+        if strikes >= 2:
+            raise OSError(errno.ETIMEDOUT, f"timed out: the peer acknowledged nothing for {owed_s:.0f}s")
 
 
 def _tune_unix(sock: trio.socket.SocketType) -> None:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import pwd
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -189,9 +190,15 @@ async def _pump_counted(
     active = ctx.metrics.active.labels(peer, channel)
     active.inc()
     try:
-        await relay(local, remote, tx, rx, allow_splice=ctx.allow_splice)
-    except StreamBroken as e:
-        log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, e)
+        async with trio.open_nursery() as watchdog:
+            if remote.socket.family in (socket.AF_INET, socket.AF_INET6):
+                watchdog.start_soon(net.watch_acks, remote.socket, ctx.config.liveness)
+            await relay(local, remote, tx, rx, allow_splice=ctx.allow_splice)
+            watchdog.cancel_scope.cancel()
+    except* (StreamBroken, OSError) as group:
+        # StreamBroken from the pumps, or the ACK watchdog's OSError (it aborted both ends)
+        why = "; ".join(e.strerror if isinstance(e, OSError) and e.strerror else str(e) for e in group.exceptions)
+        log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, why)
         ctx.metrics.streams_closed.labels(peer, channel, "failed").inc()
     else:
         log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)

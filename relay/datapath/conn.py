@@ -37,6 +37,10 @@ class Conn(Protocol):
     def splice_fd(self) -> int | None:
         """The socket fd if bytes may be spliced to/from it directly, else None."""
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connected socket underneath (for its TCP state, never for I/O)."""
+
     async def recv_into(self, buf: memoryview) -> int:
         """Read some bytes into buf; 0 means a clean end of stream."""
 
@@ -109,6 +113,10 @@ class PlainConn:
     def splice_fd(self) -> int | None:
         return self._sock.raw.fileno()
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._sock.trio
+
     async def recv_into(self, buf: memoryview) -> int:
         return await self._sock.recv_into(buf)
 
@@ -169,6 +177,10 @@ class TlsConn:
     @property
     def splice_fd(self) -> int | None:
         return None
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._sock
 
     # trio allows one waiter per fd and direction. Normally the reading task waits for
     # readable and the writing task for writable; only in rare TLS states (a read that
@@ -280,7 +292,8 @@ def _ssl_reason(e: SSL.Error) -> str:
     """The OpenSSL reason strings, e.g. 'certificate verify failed'."""
     parts = []
     for err in e.args[0] if e.args and isinstance(e.args[0], list) else []:
-        if isinstance(err, tuple) and len(err) == 3:
+        # a failed system call leaves a ("system library", "", "") entry: no words in it
+        if isinstance(err, tuple) and len(err) == 3 and err[2]:
             parts.append(str(err[2]))
     # OpenSSL 3 reports a FIN without close_notify as an error with no reason queued
-    return ", ".join(parts) or "stream ended without close_notify (unexpected EOF)"
+    return ", ".join(parts) or "stream ended without close_notify (unexpected EOF, or a reset)"

@@ -10,8 +10,8 @@ namespace, talk TLS over a veth pair; once a stream has carried bytes both ways 
 is blackholed (nftables drops every packet). Then, on both relays and within the
 configured detection time: both legs close (the source client and the destination target
 see their connections end), the stream is counted as failed, no fd is left behind. Both
-kernel mechanisms are covered: keepalive for an idle stream, TCP_USER_TIMEOUT for data
-that is sent and never acknowledged. When the link is back, a new stream works.
+mechanisms are covered: the kernel's keepalive for an idle stream, the relay's ACK
+watchdog (TCP_INFO) for data that is sent and never acknowledged. When the link is back, a new stream works.
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ class Case:
     keepalive_idle_s: int
     keepalive_interval_s: int
     keepalive_count: int
-    user_timeout_s: float
+    ack_timeout_s: float
     in_flight: bool  # both ends keep sending, so each relay has unacknowledged data when the link dies
 
     @property
     def detection_s(self) -> float:
         """When the kernel gives up on a dead peer, counted from its last packet (see relay/config.py Liveness)."""
         if self.in_flight:
-            return self.user_timeout_s
+            # the watchdog looks 4 times per timeout and wants two looks in a row to agree
+            return self.ack_timeout_s * 1.5
         return self.keepalive_idle_s + self.keepalive_interval_s * self.keepalive_count
 
     def relay_keys(self) -> str:
@@ -61,16 +62,16 @@ class Case:
             f"tcp_keepalive_idle_s = {self.keepalive_idle_s}\n"
             f"tcp_keepalive_interval_s = {self.keepalive_interval_s}\n"
             f"tcp_keepalive_count = {self.keepalive_count}\n"
-            f"tcp_user_timeout_s = {self.user_timeout_s}\n"
+            f"tcp_ack_timeout_s = {self.ack_timeout_s}\n"
         )
 
 
 CASES = [
-    # idle: only keepalive can notice (nothing is in flight for TCP_USER_TIMEOUT to time);
-    # 2 + 3 x 1 = 5 s, and the user timeout agrees with it as in the defaults
+    # idle: only keepalive can notice (nothing is in flight for the ACK watchdog to time);
+    # 2 + 3 x 1 = 5 s, and the ACK timeout agrees with it as in the defaults
     Case("idle", 2, 1, 3, 5.0, in_flight=False),
     # in flight: keepalive would take 30 + 3 x 10 = 60 s (and does not probe while data is
-    # unacknowledged), so closing within 3 s (+ margin) is TCP_USER_TIMEOUT's doing
+    # unacknowledged), so closing within 4.5 s (+ margin) is the ACK watchdog's doing
     Case("in_flight", 30, 10, 3, 3.0, in_flight=True),
 ]
 

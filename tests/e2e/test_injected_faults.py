@@ -56,7 +56,7 @@ class Fault(enum.Enum):
     # namespaces, which the shared helper tests/netns.py (merged from wt-netns) now provides:
     # start the pair inside `netns.veth_pair()` (serve(config, prefix=lambda _: host.argv()),
     # hvA dialling hvB's veth address, metrics read with `host.fetch`; /proc works from
-    # outside), give both relays short tcp_keepalive_* / tcp_user_timeout_s so 100 faults
+    # outside), give both relays short tcp_keepalive_* / tcp_ack_timeout_s so 100 faults
     # stay bounded, then per fault: streams in flight, `link.blackhole()`, every end sees an
     # error within the detection time (see test_blackholed_peer_detected_in_time.py for
     # how that is computed), `link.restore()`, fds back at baseline, a byte-exact stream.
