@@ -123,19 +123,31 @@ async def recv_stream(sock: trio.socket.SocketType) -> tuple[int, str]:
     return total, h.hexdigest()
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
     """GET /metrics from a relay; samples keyed by (name, labels)."""
     import urllib.request
 
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return parse_metrics(r.read().decode())
+
+
+def parse_metrics(text: str) -> Samples:
+    """A /metrics body (however it was fetched, e.g. from inside a network namespace) as samples."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def metric_total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name` over every sample whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
 
 
 def add_metrics(config_path: Path) -> int:

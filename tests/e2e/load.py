@@ -78,9 +78,18 @@ class Kind(enum.IntEnum):
     SLOW_CLIENT = 7  # the client reads the reply slowly
     SLOW_TARGET = 8  # the target reads the request slowly
     VANISH_CLIENT = 9  # (faults) the client is a process, SIGKILLed mid-stream
+    # (faults) both ends send abort_at payload bytes, then only wait for the rest of the other's
+    # frame, which never comes: an idle stream, nothing in flight (a paused guest's)
+    IDLE = 10
+    # (faults) the client sends its whole frame; the target sends abort_at bytes, then only
+    # waits: data in flight one way, as in a migration stream
+    ONE_WAY = 11
 
 
 ABORTS: Final = (Kind.ABORT_CLIENT, Kind.ABORT_TARGET)
+# Kinds whose client, or target, stops sending at abort_at without closing (and, if it aborts, reads no further).
+CLIENT_STOPS: Final = (Kind.ABORT_CLIENT, Kind.IDLE)
+TARGET_STOPS: Final = (Kind.ABORT_TARGET, Kind.IDLE, Kind.ONE_WAY)
 # Kinds that must arrive complete and byte-exact at both ends.
 COMPLETE_KINDS: Final = (Kind.BULK, Kind.TINY, Kind.SLOW_CLIENT, Kind.SLOW_TARGET)
 
@@ -137,7 +146,8 @@ class Stream:
     b2a_read: int = 0
     max_lag: int = 0  # most bytes sent but not yet read by the slow reader
     started: float = 0.0
-    ended: float = 0.0
+    ended: float = 0.0  # when the client's end finished (trio clock)
+    target_ended: float = 0.0  # when the target's end finished
 
     def header(self, reply: bool = False) -> bytes:
         if reply:
@@ -423,13 +433,14 @@ class Load:
             return End(Half(Seen.SHORT, n) if n == 0 else Half(Seen.CORRUPT, n, "data from a refused name"), sent)
         aborting = s.kind == Kind.ABORT_CLIENT
         stop_at = s.abort_at if aborting else None
+        send_stop_at = s.abort_at if s.kind in CLIENT_STOPS else None
         result: dict[str, Half] = {}
 
         def a2b(n: int) -> None:
             s.a2b_sent += n
 
         async def send() -> None:
-            result["send"] = await send_frame(sock, s.header(), s.a2b, self.pool, s.id * 8191, w, a2b, stop_at)
+            result["send"] = await send_frame(sock, s.header(), s.a2b, self.pool, s.id * 8191, w, a2b, send_stop_at)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
@@ -488,6 +499,7 @@ class Load:
                     return
                 w.what, w.stream = f"target #{s.id}", s
                 s.target = await self._target_stream(s, conn, w)
+                s.target_ended = trio.current_time()
         finally:
             self.active_targets -= 1
             self.watches.discard(w)
@@ -495,6 +507,7 @@ class Load:
     async def _target_stream(self, s: Stream, conn: trio.socket.SocketType, w: Watch) -> End:
         aborting = s.kind == Kind.ABORT_TARGET
         stop_at = s.abort_at if aborting else None
+        send_stop_at = s.abort_at if s.kind in TARGET_STOPS else None
         result: dict[str, Half] = {}
 
         def b2a(n: int) -> None:
@@ -507,7 +520,7 @@ class Load:
 
         async def send() -> None:
             reply = s.header(reply=True)
-            result["send"] = await send_frame(conn, reply, s.b2a, self.pool, s.id * 7919, w, b2a, stop_at)
+            result["send"] = await send_frame(conn, reply, s.b2a, self.pool, s.id * 7919, w, b2a, send_stop_at)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
@@ -567,9 +580,10 @@ class PairFiles:
     target_dir: Path  # <B>/hvB: where hvB connects forwarded names
 
 
-def write_pair(root: Path, p: Pki) -> PairFiles:
-    """hvA dials hvB over TLS. hvA forwards every name in FORWARDED and REFUSED; hvB allows all
-    but secret.sock. Product defaults for the timeouts, except a short drain so tests end quickly."""
+def write_pair(root: Path, p: Pki, peer_host: str = "127.0.0.1", relay_keys: str = "") -> PairFiles:
+    """hvA dials hvB over TLS at peer_host, where hvB listens. hvA forwards every name in FORWARDED
+    and REFUSED; hvB allows all but secret.sock. Product defaults for the timeouts, except a short
+    drain so tests end quickly; `relay_keys` (TOML lines) go into both [relay] tables after it."""
     port, metrics_a, metrics_b = free_port(), free_port(), free_port()
     a_names = [*FORWARDED, *REFUSED]
     b_names = [n for n in a_names if n != "secret.sock"]
@@ -579,14 +593,14 @@ def write_pair(root: Path, p: Pki) -> PairFiles:
 
     a = root / "hvA.toml"
     a.write_text(
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\ndrain_timeout_s = 2\n{p.files("hvA")}\n'
+        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\ndrain_timeout_s = 2\n{relay_keys}{p.files("hvA")}\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics_a}"\n\n'
-        f'[peers.hvB]\naddress = "127.0.0.1:{port}"\nchannels = {names(a_names)}\n'
+        f'[peers.hvB]\naddress = "{peer_host}:{port}"\nchannels = {names(a_names)}\n'
     )
     b = root / "hvB.toml"
     b.write_text(
-        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["127.0.0.1:{port}"]\ndrain_timeout_s = 2\n'
-        f'{p.files("hvB")}\n[metrics]\nlisten = "127.0.0.1:{metrics_b}"\n\n'
+        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{peer_host}:{port}"]\ndrain_timeout_s = 2\n'
+        f'{relay_keys}{p.files("hvB")}\n[metrics]\nlisten = "127.0.0.1:{metrics_b}"\n\n'
         f"[peers.hvA]\nchannels = {names(b_names)}\n"
     )
     target_dir = root / "hvB" / "hvB"
