@@ -147,6 +147,11 @@ class RekeyConn:
     def splice_fd(self) -> int | None:
         return None
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection our writer is on: where bytes of ours may still await the peer's ACK."""
+        return self._writing.conn.socket
+
     async def send_all(self, data: memoryview) -> None:
         # Nobody else holds the writer token here: a switch takes it only once the writer
         # has ended, and send_eof is the writer's own last call.
