@@ -268,3 +268,10 @@ async def test_continue_outbound_after_asking(tmp_path: Path, p: Pki, ending: st
             with pytest.raises(SwitchDeclined, match="hvB gave no reply"):
                 await continue_outbound(ctx, a.peers["hvB"], "migration.sock", 7)
     listener.close()
+
+
+def test_stream_ids_start_at_random(tmp_path: Path, p: Pki) -> None:
+    """A restarted relay must not name its new streams like the live ones of its last run."""
+    a, _ = rekeying_pair(tmp_path, p)
+    firsts = {RelayContext(a, Metrics()).next_stream_id() for _ in range(8)}
+    assert len(firsts) == 8  # equal by chance with probability ~2^-27
