@@ -48,6 +48,11 @@ log = logging.getLogger("migrelay.rekey")
 
 # A byte budget no stream reaches: the accepting side never starts a switch itself.
 NEVER_BYTES: Final = 1 << 62
+# Connections of one stream the accepting side keeps open at once. Two relays that follow
+# the rules hold two or three (measured with 256 switches in tests/integration/test_rekey.py);
+# a peer that switches and never ends its old connections would otherwise cost us a
+# socket per switch. Beyond this, a switch is refused: the stream stays where it is.
+MAX_OPEN_CONNECTIONS: Final = 8
 
 Result = Literal["ok", "refused", "failed"]
 Trigger = Literal["tx", "rx"]
@@ -224,6 +229,8 @@ class RekeyConn:
             raise SwitchDeclined("the stream has ended", refused=True)
         if self._switching is not None:
             raise SwitchDeclined("a switch of this stream is already under way", refused=True)
+        if len(self._links) >= MAX_OPEN_CONNECTIONS:
+            raise SwitchDeclined(f"{len(self._links)} connections of this stream are still open", refused=True)
         self._switching = done = trio.Event()
         try:
             try:

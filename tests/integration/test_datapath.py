@@ -32,6 +32,7 @@ from relay.datapath import (
     relay,
 )
 from relay.datapath.pump import COPY_BUFFER_BYTES
+from relay.datapath.rekey import MAX_OPEN_CONNECTIONS
 from relay.errors import RemoteError
 from relay.tlsconfig import client_context, server_context
 from tests.support import make_pki, pattern
@@ -394,3 +395,29 @@ async def test_rekey_truncation_after_switches_is_not_eof(harness: Harness) -> N
     rk.accepted[-1].shutdown(socket.SHUT_WR)
     await harness.done.wait()
     assert harness.error and "without close_notify" in str(harness.error[0])
+
+
+@rekeying_only
+async def test_rekey_a_peer_that_never_leaves_old_connections_is_refused(harness: Harness) -> None:
+    """Switching and never ending the old connections must not cost the accepting side a socket per switch."""
+    rk = harness.rekeying
+    assert rk is not None
+    idle_clients = []  # a peer's ends that never write, so never send close_notify
+    for _ in range(MAX_OPEN_CONNECTIONS + 2):
+        client_raw, server_raw = await tcp_pair()
+        client = TlsConn.client(client_raw, rk.client_ctx)
+        server = TlsConn.server(server_raw, rk.server_ctx)
+        async with trio.open_nursery() as n:
+            n.start_soon(client.handshake)
+            n.start_soon(server.handshake)
+        idle_clients.append(client)
+        try:
+            await rk.acceptor.adopt(server, lambda: server.send_all(memoryview(OK)))  # noqa: B023
+        except SwitchDeclined as e:
+            assert "connections of this stream are still open" in str(e)
+            server.close()
+    assert rk.acceptor.open_connections == MAX_OPEN_CONNECTIONS
+    assert rk.acceptor.switches == MAX_OPEN_CONNECTIONS - 1
+    harness.scope.cancel()
+    for client in idle_clients:
+        client.close()
