@@ -102,8 +102,9 @@ class RekeyConn:
     Writer-side calls on one SSL object must never interleave. The pump's writer holds a
     token (`_writer_busy`) while it writes; whoever joins a connection to the chain only
     moves the writer on if the token is free, and then without waiting (a full socket is
-    left to the writer's next write). So no task ever waits for the other direction's
-    progress, which is how relays deadlock.
+    left to the writer's next write; once the writer has ended, all that is left is the
+    new connection's close_notify, on an empty socket). So no task ever waits for the
+    other direction's progress, which is how relays deadlock.
     """
 
     def __init__(
