@@ -41,6 +41,12 @@ MAX_TCP_KEEPALIVE_S: Final = 32767
 MAX_TCP_KEEPALIVE_COUNT: Final = 127
 MAX_TCP_ACK_TIMEOUT_S: Final = 86400.0
 MIN_TCP_ACK_TIMEOUT_S: Final = 0.1
+# A TLS stream moves onto a fresh connection (fresh keys) after this many bytes in either
+# direction: AES-GCM keys should protect at most 2^24.5 full records, ~361 GiB (RFC 8446
+# section 5.5). The maximum leaves room for a failed attempt, retried a threshold later.
+DEFAULT_REKEY_AFTER_BYTES: Final = 64 << 30
+MIN_REKEY_AFTER_BYTES: Final = 1 << 20
+MAX_REKEY_AFTER_BYTES: Final = 128 << 30
 
 Transport = Literal["tls", "unix", "tcp"]
 
@@ -159,6 +165,7 @@ class Config:
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_ack_timeout_s
     tls: TlsFiles | None = None
+    rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES  # [tls]; only the TLS transport uses it
     metrics_listen: Address | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
@@ -205,6 +212,7 @@ class Config:
         if self.tls is not None:
             lines += ["", "[tls]", f"ca = {q(str(self.tls.ca))}", f"cert = {q(str(self.tls.cert))}"]
             lines.append(f"key = {q(str(self.tls.key))}")
+            lines.append(f"rekey_after_bytes = {self.rekey_after_bytes}")
         if self.metrics_listen is not None:
             lines += ["", "[metrics]", f"listen = {q(str(self.metrics_listen))}"]
         lines += ["", "[limits]"]
@@ -281,11 +289,11 @@ class _Section:
             raise ConfigError(f"[{self.where}] {key}: must be positive, got {value}")
         return value
 
-    def integer(self, key: str, default: int, highest: int) -> int:
-        """A whole number from 1 to `highest` (socket options that take whole seconds or counts)."""
+    def integer(self, key: str, default: int, highest: int, lowest: int = 1) -> int:
+        """A whole number from `lowest` to `highest` (counts, whole seconds, byte sizes)."""
         value: int = self._take(key, (int,), "a whole number", default)
-        if not 1 <= value <= highest:
-            raise ConfigError(f"[{self.where}] {key}: must be 1-{highest}, got {value}")
+        if not lowest <= value <= highest:
+            raise ConfigError(f"[{self.where}] {key}: must be {lowest}-{highest}, got {value}")
         return value
 
     def flag(self, key: str, default: bool) -> bool:
@@ -348,11 +356,15 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     relay.done()
 
     tls = None
+    rekey_after = DEFAULT_REKEY_AFTER_BYTES
     if (tls_table := top.table("tls")) is not None:
         section = _Section(tls_table, "tls")
         ca, cert, key = (section.string(k, required=True) for k in ("ca", "cert", "key"))
         assert ca is not None and cert is not None and key is not None
         tls = TlsFiles(_resolve(ca, base), _resolve(cert, base), _resolve(key, base))
+        rekey_after = section.integer(
+            "rekey_after_bytes", DEFAULT_REKEY_AFTER_BYTES, MAX_REKEY_AFTER_BYTES, MIN_REKEY_AFTER_BYTES
+        )
         section.done()
 
     metrics_listen = None
@@ -393,6 +405,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         session_idle_s=session_idle,
         liveness=liveness,
         tls=tls,
+        rekey_after_bytes=rekey_after,
         metrics_listen=metrics_listen,
         peers=peers,
         limits=limits,

@@ -42,6 +42,14 @@ class Metrics:
             ["role", "resumed"],
             registry=self.registry,
         )
+        self.tls_rekeys = Counter(
+            "migrelay_tls_rekeys",
+            "Long TLS streams moved onto a fresh connection (fresh keys) after [tls] rekey_after_bytes; role client "
+            "dials, server accepts; result ok, refused (the peer said no) or failed (the stream stays where it is, "
+            "or is aborted if the answer was lost).",
+            ["role", "result"],
+            registry=self.registry,
+        )
         self.active = Gauge(
             "migrelay_active_streams",
             "Forwarded connections currently carrying bytes.",

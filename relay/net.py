@@ -79,10 +79,11 @@ def owed_ack_s(sock: trio.socket.SocketType) -> float:
     return float(fields[_TCP_INFO_LAST_ACK_RECV]) / 1000
 
 
-async def watch_acks(sock: trio.socket.SocketType, liveness: Liveness) -> None:
+async def watch_acks(current: Callable[[], trio.socket.SocketType], liveness: Liveness) -> None:
     """Raise OSError(ETIMEDOUT) once the peer has owed an ACK for liveness.ack_timeout_s.
 
-    Runs beside a stream's pumps on its peer TCP connection. A live peer acknowledges
+    Runs beside a stream's pumps on its peer TCP connection, `current()` (asked at each
+    check: a rekeyed stream moves to fresh connections). A live peer acknowledges
     data within round trips and answers every window probe, however long it keeps its
     window closed; only a dead or cut-off one owes ACKs for long.
     """
@@ -91,7 +92,7 @@ async def watch_acks(sock: trio.socket.SocketType, liveness: Liveness) -> None:
     while True:
         await trio.sleep(period_s)
         try:
-            owed_s = owed_ack_s(sock)
+            owed_s = owed_ack_s(current())
         except OSError:
             return  # closed under us: the pumps say why
         strikes = strikes + 1 if owed_s >= liveness.ack_timeout_s else 0

@@ -14,6 +14,19 @@ Request (dialling relay -> accepting relay), big-endian:
      +--------+-----+-----+----------+----------+--------------------+
      | source relay name (src_len bytes, UTF-8) | socket name (name_len) |
 
+Continue (dialling relay -> accepting relay): the Request's layout with type 3. It asks
+the accepting relay to carry the source's live stream `stream_id` (on socket `name`) on
+this fresh connection from now on: rekeying by reconnection, see relay/datapath/rekey.py.
+
+     0        4     5     6          8          10                   18
+     +--------+-----+-----+----------+----------+--------------------+
+     | "MGRL" | ver | 3   | src_len  | name_len |     stream_id      |
+     +--------+-----+-----+----------+----------+--------------------+
+     | source relay name (src_len bytes, UTF-8) | socket name (name_len) |
+
+An accepting relay reads either message with one RequestReader. A relay that predates
+type 3 answers it with a bad-request Reply, which the dialling relay takes as "no".
+
 Reply (accepting relay -> dialling relay):
 
      0        4     5     6        7     8            10
@@ -39,6 +52,7 @@ MAGIC: Final = b"MGRL"
 VERSION: Final = 1
 TYPE_REQUEST: Final = 1
 TYPE_REPLY: Final = 2
+TYPE_CONTINUE: Final = 3
 MAX_REASON_BYTES: Final = 1024
 
 REQUEST_FIXED: Final = struct.Struct(">4sBBHHQ")
@@ -66,6 +80,15 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Continue:
+    """Carry the live stream `stream_id` of relay `source` (socket `name`) on this connection."""
+
+    source: str
+    name: str
+    stream_id: int
+
+
+@dataclass(frozen=True)
 class Reply:
     status: int
     reason: str = ""
@@ -75,13 +98,15 @@ class Reply:
         return self.status == STATUS_OK
 
 
-def encode_request(req: Request) -> bytes:
+def encode_request(req: Request | Continue) -> bytes:
+    """A Request or a Continue: one layout, told apart by the type byte."""
     source, name = req.source.encode(), req.name.encode()
     if not 0 < len(source) <= MAX_NAME_BYTES or not 0 < len(name) <= MAX_NAME_BYTES:
         raise ValueError(f"source and name must be 1-{MAX_NAME_BYTES} bytes")
     if not 0 <= req.stream_id < 2**64:
         raise ValueError("stream_id must fit in 64 bits")
-    return REQUEST_FIXED.pack(MAGIC, VERSION, TYPE_REQUEST, len(source), len(name), req.stream_id) + source + name
+    kind = TYPE_CONTINUE if isinstance(req, Continue) else TYPE_REQUEST
+    return REQUEST_FIXED.pack(MAGIC, VERSION, kind, len(source), len(name), req.stream_id) + source + name
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -91,15 +116,16 @@ def encode_reply(reply: Reply) -> bytes:
     return REPLY_FIXED.pack(MAGIC, VERSION, TYPE_REPLY, reply.status, len(reason)) + reason
 
 
-def _check_prefix(buf: bytes | bytearray, expected_type: int) -> None:
+def _check_prefix(buf: bytes | bytearray, expected_types: tuple[int, ...]) -> None:
     """The fields both headers share, each judged as soon as its byte is in."""
     seen = bytes(buf[:4])
     if MAGIC[: len(seen)] != seen:
         raise ProtocolError(f"not a migrelay header (starts with {seen!r})")
     if len(buf) > 4 and buf[4] != VERSION:
         raise UnsupportedVersion(f"header version {buf[4]} is not supported (this relay speaks {VERSION})")
-    if len(buf) > 5 and buf[5] != expected_type:
-        raise ProtocolError(f"unexpected header type {buf[5]} (expected {expected_type})")
+    if len(buf) > 5 and buf[5] not in expected_types:
+        expected = " or ".join(map(str, expected_types))
+        raise ProtocolError(f"unexpected header type {buf[5]} (expected {expected})")
 
 
 def _u16(buf: bytes | bytearray, offset: int) -> int | None:
@@ -124,7 +150,7 @@ class _Reader(Generic[T]):
     """Accumulates bytes until one whole header is in; never buffers past its bound."""
 
     _fixed: struct.Struct
-    _type: int
+    _types: tuple[int, ...]
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -138,7 +164,7 @@ class _Reader(Generic[T]):
             raise RuntimeError("header already complete; the rest belongs to the stream")
         self._buf += data
         if self._total is None:
-            _check_prefix(self._buf, self._type)
+            _check_prefix(self._buf, self._types)
             self._check_fields(self._buf)
             if len(self._buf) >= self._fixed.size:
                 self._total = self._fixed.size + self._body_len(self._fixed.unpack_from(self._buf))
@@ -171,9 +197,11 @@ class _Reader(Generic[T]):
         raise NotImplementedError
 
 
-class RequestReader(_Reader[Request]):
+class RequestReader(_Reader[Request | Continue]):
+    """What a dialling relay sends first: a Request for a new stream, or a Continue."""
+
     _fixed = REQUEST_FIXED
-    _type = TYPE_REQUEST
+    _types = (TYPE_REQUEST, TYPE_CONTINUE)
 
     def _check_fields(self, buf: bytearray) -> None:
         for offset, what in ((_REQUEST_SRC_LEN, "source relay name"), (_REQUEST_NAME_LEN, "socket name")):
@@ -185,19 +213,19 @@ class RequestReader(_Reader[Request]):
         src_len, name_len = fields[3], fields[4]
         return src_len + name_len
 
-    def _decode(self, raw: bytes) -> Request:
-        _, _, _, src_len, name_len, stream_id = REQUEST_FIXED.unpack_from(raw)
+    def _decode(self, raw: bytes) -> Request | Continue:
+        _, _, kind, src_len, name_len, stream_id = REQUEST_FIXED.unpack_from(raw)
         body = raw[REQUEST_FIXED.size :]
         source = _text(body[:src_len], "source relay name")
         if (problem := host_problem(source)) is not None:
             raise ProtocolError(problem)
         name = _text(body[src_len : src_len + name_len], "socket name")
-        return Request(source, name, stream_id)
+        return (Continue if kind == TYPE_CONTINUE else Request)(source, name, stream_id)
 
 
 class ReplyReader(_Reader[Reply]):
     _fixed = REPLY_FIXED
-    _type = TYPE_REPLY
+    _types = (TYPE_REPLY,)
 
     def _check_fields(self, buf: bytearray) -> None:
         if len(buf) > _REPLY_STATUS and buf[_REPLY_STATUS] not in STATUS_NAMES:

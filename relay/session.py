@@ -5,6 +5,8 @@ the peer relay, authenticate it, send the Request and wait for its Reply.
 Inbound (destination host): a peer relay connected to one of our listeners; we
 authenticate it, read its Request, apply the destination policy, connect the local
 target and answer. Only then does payload flow, through `datapath.relay`.
+Over TLS, the source moves a long stream onto fresh connections (Continue; see the
+rekeying section at the end and relay/datapath/rekey.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import logging
 import os
 import pwd
+import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,17 @@ from OpenSSL import SSL
 from relay import net
 from relay.admission import Admission, OverLimit, Slot
 from relay.config import Config, PeerConfig, Transport
-from relay.datapath import Conn, Meter, PlainConn, StreamBroken, TlsConn, relay
+from relay.datapath import (
+    Conn,
+    Meter,
+    PlainConn,
+    RekeyConn,
+    StreamBroken,
+    StreamTruncated,
+    SwitchDeclined,
+    TlsConn,
+    relay,
+)
 from relay.errors import (
     STATUS_BAD_REQUEST,
     STATUS_FORBIDDEN,
@@ -45,7 +58,16 @@ from relay.errors import (
 from relay.guard import Closable, contained
 from relay.metrics import Metrics
 from relay.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
-from relay.protocol import Reply, ReplyReader, Request, RequestReader, UnsupportedVersion, encode_reply, encode_request
+from relay.protocol import (
+    Continue,
+    Reply,
+    ReplyReader,
+    Request,
+    RequestReader,
+    UnsupportedVersion,
+    encode_reply,
+    encode_request,
+)
 from relay.tlsconfig import peer_cert_names, resumed
 
 log = logging.getLogger("migrelay.session")
@@ -66,7 +88,11 @@ class RelayContext:
     allow_splice: bool = True
     # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake
     tls_sessions: dict[str, SSL.Session] = field(default_factory=dict)
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # Inbound TLS streams a peer may continue on a fresh connection: (peer, stream id) ->
+    # (socket name, stream). Ids start at a random point, so a restarted source does not
+    # reuse the id of a stream we have not yet seen end.
+    live_streams: dict[tuple[str, int], tuple[str, RekeyConn]] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(secrets.randbits(32)))
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,7 +161,7 @@ class ClosedBeforeHeader(ProtocolError):
     """The other side authenticated and hung up without a byte: a probe (`migrelay check`)."""
 
 
-async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Reply:
+async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Continue | Reply:
     """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
     buf = bytearray(max(reader.wanted(), 64))
     fed = False
@@ -192,7 +218,8 @@ async def _pump_counted(
     try:
         async with trio.open_nursery() as watchdog:
             if remote.socket.family in (socket.AF_INET, socket.AF_INET6):
-                watchdog.start_soon(net.watch_acks, remote.socket, ctx.config.liveness)
+                # a function, not the socket: a rekeyed stream moves to fresh connections
+                watchdog.start_soon(net.watch_acks, lambda: remote.socket, ctx.config.liveness)
             await relay(local, remote, tx, rx, allow_splice=ctx.allow_splice)
             watchdog.cancel_scope.cancel()
     except* (StreamBroken, OSError) as group:
@@ -230,16 +257,7 @@ async def open_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_i
     conn: Conn | None = None
     try:
         if address.kind == "tls":
-            assert ctx.client_tls is not None
-            tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_sessions.get(peer.name))
-            conn = tls
-            tls.ssl.set_tlsext_host_name(peer.name.encode())
-            await tls.handshake()
-            ctx.count_handshake("client", tls)
-            names = peer_cert_names(tls.ssl)
-            if peer.name not in names:
-                named = printable(", ".join(sorted(names))) or "nothing"
-                raise PeerUnavailable(f"certificate at {address} names {named}, not {peer.name}")
+            conn = await _start_tls(ctx, peer, raw)
         else:
             conn = PlainConn(raw)
         await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
@@ -323,6 +341,7 @@ async def _forward(
             return
         ctx.count(peer.name, name, "ok")
         log.info("%s: open", stream)
+        remote = _rekeying(ctx, peer, name, stream_id, remote, stream)
         until_handed_over.pop_all()  # the pump task releases the slot
         streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, slot, activity)
 
@@ -330,7 +349,9 @@ async def _forward(
 # --- inbound: destination side -------------------------------------------------------
 
 
-def _identify(ctx: RelayContext, kind: Transport, request: Request, cert_names: frozenset[str]) -> PeerConfig:
+def _identify(
+    ctx: RelayContext, kind: Transport, request: Request | Continue, cert_names: frozenset[str]
+) -> PeerConfig:
     """Which configured peer this is, by the rules of the listener it came in on."""
     peer = ctx.config.peers.get(request.source)
     if kind == "tls":
@@ -364,7 +385,7 @@ async def _open_target(ctx: RelayContext, name: str) -> trio.socket.SocketType:
 
 async def _accept_request(
     ctx: RelayContext, raw: trio.socket.SocketType, kind: Transport, who: str, eviction: trio.CancelScope
-) -> tuple[Conn, PeerConfig, Request]:
+) -> tuple[Conn, PeerConfig, Request | Continue]:
     conn: Conn
     names: frozenset[str] = frozenset()
     if kind == "tls":
@@ -388,10 +409,13 @@ async def _accept_request(
         raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e))) from None
     except ProtocolError as e:
         raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e))) from None
-    assert isinstance(request, Request)
+    assert isinstance(request, Request | Continue)
     try:
         peer = _identify(ctx, kind, request, names)
-        reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
+        # a Continue names a stream this policy admitted already (_continue_inbound)
+        reason = None
+        if isinstance(request, Request):
+            reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
         if reason is not None:
             raise Refused(STATUS_FORBIDDEN, reason)
     except Refused as e:
@@ -402,7 +426,7 @@ async def _accept_request(
 class _Answerable(Exception):
     """A refusal we can still tell the peer about (the transport is up)."""
 
-    def __init__(self, conn: Conn, refused: Refused, request: Request | None = None) -> None:
+    def __init__(self, conn: Conn, refused: Refused, request: Request | Continue | None = None) -> None:
         super().__init__(refused.reason)
         self.conn, self.refused, self.request = conn, refused, request
 
@@ -439,6 +463,9 @@ async def _serve_inbound(
             with trio.fail_after(ctx.config.handshake_timeout_s):
                 conn, peer, request = await _accept_request(ctx, raw, kind, who, eviction)
                 unauthenticated.release()
+                if isinstance(request, Continue):  # not a new stream: no stream slot, no target
+                    await _continue_inbound(ctx, conn, peer, request)
+                    return
                 stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
                 try:
                     slots.enter_context(ctx.admission.stream_slot(peer.name))
@@ -488,7 +515,8 @@ async def _serve_inbound(
         ctx.count(peer.name, request.name, "ok")
         log.info("%s: open", stream)
         # the peer's request ended exactly at the header: no payload was read early
-        await _pump(ctx, peer.name, request.name, local, conn, stream, Slot(slots.close))
+        with _continuable(ctx, peer.name, request, conn, stream) as chain:
+            await _pump(ctx, peer.name, request.name, local, chain, stream, Slot(slots.close))
 
 
 def _address(sock: trio.socket.SocketType, kind: Transport) -> str | None:
@@ -524,3 +552,134 @@ async def accept_inbound_loop(
             sock.close()  # at once: nothing is said to whoever has not authenticated
             continue
         streams.start_soon(handle_inbound, ctx, sock, kind, remote, unauthenticated, eviction)
+
+
+# --- rekeying: a long TLS stream moves onto a fresh connection (datapath/rekey.py) -------
+
+
+async def _start_tls(ctx: RelayContext, peer: PeerConfig, raw: trio.socket.SocketType) -> TlsConn:
+    """The client handshake with `peer` (resumed if we hold a ticket); its certificate must name it."""
+    assert ctx.client_tls is not None
+    tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_sessions.get(peer.name))
+    tls.ssl.set_tlsext_host_name(peer.name.encode())
+    await tls.handshake()
+    ctx.count_handshake("client", tls)
+    names = peer_cert_names(tls.ssl)
+    if peer.name not in names:
+        named = printable(", ".join(sorted(names))) or "nothing"
+        raise PeerUnavailable(f"certificate at {peer.address} names {named}, not {peer.name}")
+    return tls
+
+
+def _rekeying(ctx: RelayContext, peer: PeerConfig, name: str, stream_id: int, conn: Conn, stream: str) -> Conn:
+    """The source side of a stream: over TLS, a fresh connection every [tls] rekey_after_bytes."""
+    if not isinstance(conn, TlsConn):
+        return conn  # unix and tcp peers: no keys to wear out
+
+    async def dial() -> TlsConn:
+        return await continue_outbound(ctx, peer, name, stream_id)
+
+    def count(result: str) -> None:
+        ctx.metrics.tls_rekeys.labels("client", result).inc()
+
+    return RekeyConn(
+        conn,
+        label=stream,
+        switch_timeout_s=ctx.config.handshake_timeout_s,
+        dial=dial,
+        rekey_after_bytes=ctx.config.rekey_after_bytes,
+        count=count,
+    )
+
+
+async def continue_outbound(ctx: RelayContext, peer: PeerConfig, name: str, stream_id: int) -> TlsConn:
+    """A fresh TLS connection to `peer` that carries our stream `stream_id` from now on.
+
+    Raises SwitchDeclined if the peer certainly did not take it: it could not be asked, or
+    it answered, and not OK. Raises StreamTruncated if it was asked and no answer came
+    back: it may have moved the stream already, so the stream cannot go on either way.
+    """
+    assert peer.address is not None  # we dialled it for this very stream
+    raw: trio.socket.SocketType | None = None
+    asked = False
+    try:
+        with trio.fail_after(ctx.config.handshake_timeout_s):
+            raw = await net.dial(peer.address, ctx.config.liveness)
+            conn = await _start_tls(ctx, peer, raw)
+            await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, name, stream_id))))
+            # a failed send_all left at most part of the request's one record: nothing a peer acts on
+            asked = True
+            reply = await read_header(conn, ReplyReader())
+    except ProtocolError as e:
+        # it closed cleanly, or sent what no migrelay sends, before a whole reply: not an OK
+        if raw is not None:
+            raw.close()
+        raise SwitchDeclined(f"{peer.name} gave no reply: {e}") from None
+    except (RemoteError, OSError, trio.TooSlowError) as e:
+        if raw is not None:
+            raw.close()
+        why = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+        if asked:
+            raise StreamTruncated(f"{peer.name} did not answer the switch to a fresh connection: {why}") from None
+        raise SwitchDeclined(f"no fresh connection to {peer.name}: {why}") from None
+    except BaseException:
+        if raw is not None:
+            raw.close()
+        raise
+    assert isinstance(reply, Reply)
+    if not reply.ok:
+        raw.close()
+        raise SwitchDeclined(f"{peer.name} refused: {printable(reply.reason)}", refused=True)
+    if (session := conn.ssl.get_session()) is not None:
+        ctx.tls_sessions[peer.name] = session
+    return conn
+
+
+@contextlib.contextmanager
+def _continuable(ctx: RelayContext, peer: str, request: Request, conn: Conn, stream: str) -> Iterator[Conn]:
+    """The destination side of a stream: over TLS, its source may move it onto fresh connections."""
+    if not isinstance(conn, TlsConn):
+        yield conn
+        return
+
+    def count(result: str) -> None:
+        ctx.metrics.tls_rekeys.labels("server", result).inc()
+
+    chain = RekeyConn(conn, label=stream, switch_timeout_s=ctx.config.handshake_timeout_s, count=count)
+    key = (peer, request.stream_id)
+    if key in ctx.live_streams:
+        # the source restarted and reused an id (ids start at random: rare) while its old
+        # stream here has not ended yet; only the new one can still be continued
+        log.warning("%s: replaces a live stream with the same id", stream)
+    entry = ctx.live_streams[key] = (request.name, chain)
+    try:
+        yield chain
+    finally:
+        if ctx.live_streams.get(key) is entry:
+            del ctx.live_streams[key]
+
+
+async def _continue_inbound(ctx: RelayContext, conn: Conn, peer: PeerConfig, request: Continue) -> None:
+    """Carry a live stream of `peer` on `conn` from now on, or refuse with a reason.
+
+    Only the peer that opened the stream can name it: streams are keyed by the name its
+    certificate proved (_identify). The reason names no local path.
+    """
+    try:
+        if not isinstance(conn, TlsConn):
+            raise Refused(STATUS_FORBIDDEN, "only a stream over TLS can be continued, and only over TLS")
+        live = ctx.live_streams.get((peer.name, request.stream_id))
+        if live is None or live[0] != request.name:
+            name = printable(request.name)
+            raise Refused(STATUS_NO_TARGET, f"no live stream #{request.stream_id} on {name} from {peer.name}")
+
+        async def answer() -> None:
+            await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
+
+        try:
+            await live[1].adopt(conn, answer)
+        except SwitchDeclined as e:
+            raise Refused(STATUS_NO_TARGET, f"stream #{request.stream_id}: {e}") from None
+    except Refused as e:
+        ctx.metrics.tls_rekeys.labels("server", "refused").inc()
+        raise _Answerable(conn, e, request) from None

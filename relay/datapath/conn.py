@@ -253,23 +253,27 @@ class TlsConn:
 
     async def send_eof(self) -> None:
         """Send close_notify, then FIN; reading stays possible (TLS 1.3 half-close)."""
+        while not self.try_send_eof():
+            await self._wait(writable=True)
+        await trio.lowlevel.checkpoint()
+
+    def try_send_eof(self) -> bool:
+        """send_eof without waiting: False if the socket is full (nothing is lost: OpenSSL
+        keeps the alert, and a later send_eof or try_send_eof finishes it)."""
         try:
+            self._ssl.shutdown()
+        except SSL.WantWriteError:
+            return False
+        except SSL.WantReadError:
             # SSL_shutdown wants to read only to await the peer's close_notify: that is the
             # reader's business, so a WantRead here means ours is out
-            while True:
-                try:
-                    self._ssl.shutdown()
-                    break
-                except SSL.WantWriteError:
-                    await self._wait(writable=True)
-        except SSL.WantReadError:
             pass
         except SSL.SysCallError as e:
             raise StreamTruncated(f"TLS shutdown failed: {_syscall_reason(e)}") from None
         except SSL.Error as e:
             raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
-        await trio.lowlevel.checkpoint()
         self._sock.shutdown(socket.SHUT_WR)
+        return True
 
     def abort(self) -> None:
         _arm_reset(self._sock)

@@ -11,7 +11,9 @@ is blackholed (nftables drops every packet). Then, on both relays and within the
 configured detection time: both legs close (the source client and the destination target
 see their connections end), the stream is counted as failed, no fd is left behind. Both
 mechanisms are covered: the kernel's keepalive for an idle stream, the relay's ACK
-watchdog (TCP_INFO) for data that is sent and never acknowledged. When the link is back, a new stream works.
+watchdog (TCP_INFO) for data that is sent and never acknowledged, also once a stream has
+moved to fresh TLS connections ([tls] rekey_after_bytes). When the link is back, a new
+stream works.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Case:
     keepalive_count: int
     ack_timeout_s: float
     in_flight: bool  # both ends keep sending, so each relay has unacknowledged data when the link dies
+    rekey_after_bytes: int | None = None  # [tls]: the stream switches connections before the link dies
 
     @property
     def detection_s(self) -> float:
@@ -73,6 +76,9 @@ CASES = [
     # in flight: keepalive would take 30 + 3 x 10 = 60 s (and does not probe while data is
     # unacknowledged), so closing within 4.5 s (+ margin) is the ACK watchdog's doing
     Case("in_flight", 30, 10, 3, 3.0, in_flight=True),
+    # the same after the stream has moved to fresh TLS connections (relay/datapath/rekey.py):
+    # the watchdog must follow it there, not stop with the first connection
+    Case("in_flight_rekeyed", 30, 10, 3, 3.0, in_flight=True, rekey_after_bytes=1 << 20),
 ]
 
 
@@ -80,8 +86,9 @@ def write_configs(root: Path, p: Pki, link: netns.Link, case: Case) -> tuple[Pat
     """hvA (host a) dials hvB (host b) over TLS on the veth; each serves /metrics on its own loopback."""
     common = f"handshake_timeout_s = 3\ndrain_timeout_s = 2\n{case.relay_keys()}"
     metrics = f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+    rekey = f"rekey_after_bytes = {case.rekey_after_bytes}\n" if case.rekey_after_bytes else ""  # in [tls]
     a = (
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{common}\n{p.files("hvA")}\n{metrics}\n'
+        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{common}\n{p.files("hvA")}{rekey}\n{metrics}\n'
         f'[peers.hvB]\naddress = "{link.b.address}:{PEER_PORT}"\nchannels = ["migration.sock"]\n'
     )
     b = (
@@ -262,6 +269,10 @@ async def scenario(root: Path, link: netns.Link, case: Case, relay_a: ServeProce
         on_a, on_b = scrape(link.a), scrape(link.b)
         assert streams_closed(on_a, "hvB", "failed") == 1
         assert streams_closed(on_b, "hvA", "failed") == 1
+        if case.rekey_after_bytes:
+            # no connection opens through a blackhole: every switch was before it
+            switched = ("migrelay_tls_rekeys_total", frozenset({"role": "client", "result": "ok"}.items()))
+            assert on_a.get(switched, 0) >= 2, f"the stream should have switched connections: {on_a.get(switched)}"
         active = ("migrelay_active_streams", frozenset({"peer": "hvB", "channel": "migration"}.items()))
         assert on_a[active] == 0
 

@@ -23,9 +23,11 @@ from relay.protocol import (
     MAX_REQUEST_BYTES,
     REPLY_FIXED,
     REQUEST_FIXED,
+    TYPE_CONTINUE,
     TYPE_REPLY,
     TYPE_REQUEST,
     VERSION,
+    Continue,
     Reply,
     ReplyReader,
     Request,
@@ -55,7 +57,7 @@ def header_problem_at(blob: bytes, reply: bool) -> int | None:
     if len(blob) > 4:
         checks.append((4, blob[4] == VERSION))
     if len(blob) > 5:
-        checks.append((5, blob[5] == (TYPE_REPLY if reply else TYPE_REQUEST)))
+        checks.append((5, blob[5] in ((TYPE_REPLY,) if reply else (TYPE_REQUEST, TYPE_CONTINUE))))
     if reply:
         if len(blob) > 6:
             checks.append((6, blob[6] in STATUS_NAMES))
@@ -79,7 +81,7 @@ def header_length(blob: bytes, reply: bool) -> int | None:
     return fixed.size + (_field(blob, 8) if reply else _field(blob, 6) + _field(blob, 8))
 
 
-def check_header_reader(blob: bytes, cuts: Iterable[int], reply: bool) -> Request | Reply | None:
+def check_header_reader(blob: bytes, cuts: Iterable[int], reply: bool) -> Request | Continue | Reply | None:
     """Feed `blob` in chunks to a RequestReader (or ReplyReader); assert the reader's contract.
 
     Returns the message, or None for a refusal or an incomplete header.

@@ -26,7 +26,7 @@ import atheris
 with atheris.instrument_imports(include=["relay", "tests.fuzz"]):
     from relay import control_protocol
     from relay.errors import STATUS_FORBIDDEN, STATUS_OK
-    from relay.protocol import Reply, Request, encode_reply, encode_request
+    from relay.protocol import Continue, Reply, Request, encode_reply, encode_request
     from tests.fuzz import invariants
 
 MAX_CUTS: Final = 8
@@ -56,6 +56,7 @@ def seeds(target: str) -> list[bytes]:
         wires = [
             encode_request(Request("hvA", "migration.sock", 1)),
             encode_request(Request("hv-2.example.org", "1f2e3d4c-nbd.sock", 2**64 - 1)) + b"first payload",
+            encode_request(Continue("hvA", "migration.sock", 3_000_000_000)),
         ]
     elif target == "reply":
         wires = [encode_reply(Reply(STATUS_OK)), encode_reply(Reply(STATUS_FORBIDDEN, "not allowed")) + b"NBDMAGIC"]

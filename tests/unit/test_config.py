@@ -35,6 +35,9 @@ insecure = true
 """
 
 
+TLS = '[relay]\nname = "a"\n[tls]\nca = "ca.pem"\ncert = "a.pem"\nkey = "k.pem"\n'
+
+
 def load(tmp_path: Path, text: str) -> config.Config:
     path = tmp_path / "c.toml"
     path.write_text(text)
@@ -101,11 +104,25 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         ('[relay]\nname = "a"\ntcp_ack_timeout_s = 0.01\n', r"tcp_ack_timeout_s: must be 0.1-86400"),
         ('[relay]\nname = "a"\ntcp_ack_timeout_s = -1\n', r"tcp_ack_timeout_s: must be positive"),
         ("[relay\n", r"not valid TOML"),
+        (f"{TLS}rekey_after_bytes = 1.5e9\n", r"\[tls\] rekey_after_bytes: expected a whole number, got float"),
+        (f'{TLS}rekey_after_bytes = "64G"\n', r"\[tls\] rekey_after_bytes: expected a whole number, got str"),
+        (f"{TLS}rekey_after_bytes = true\n", r"\[tls\] rekey_after_bytes: expected a whole number, got bool"),
+        (f"{TLS}rekey_after_bytes = 1048575\n", r"rekey_after_bytes: must be 1048576-137438953472, got 1048575"),
+        (f"{TLS}rekey_after_bytes = 137438953473\n", r"rekey_after_bytes: must be 1048576-137438953472"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(tmp_path, text)
+
+
+def test_rekey_after_bytes(tmp_path: Path) -> None:
+    """[tls] rekey_after_bytes: well under AES-GCM's bound by default, shown by `check --print`."""
+    assert load(tmp_path, FULL).rekey_after_bytes == 64 << 30
+    assert "rekey_after_bytes = 68719476736" in load(tmp_path, FULL).as_toml()
+    cfg = load(tmp_path, FULL.replace("[metrics]", "rekey_after_bytes = 1048576\n\n[metrics]"))
+    assert cfg.rekey_after_bytes == 1 << 20
+    assert load(tmp_path, cfg.as_toml()).rekey_after_bytes == 1 << 20
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ from relay.protocol import (
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     REQUEST_FIXED,
+    TYPE_CONTINUE,
     TYPE_REPLY,
     TYPE_REQUEST,
     VERSION,
+    Continue,
     Reply,
     ReplyReader,
     Request,
@@ -28,6 +30,7 @@ from relay.protocol import (
 from tests.fuzz.invariants import check_header_reader
 
 REQ = Request("hvA", "migration.sock", 42)
+CONT = Continue("hvA", "migration.sock", 42)
 
 
 def test_request_whole() -> None:
@@ -61,6 +64,35 @@ def test_wanted_never_overshoots_the_header() -> None:
         reader.feed(data[pos : pos + want])
         pos += want
     assert pos == len(data)
+
+
+def test_continue_whole() -> None:
+    reader = RequestReader()
+    assert reader.feed(encode_request(CONT)) == CONT
+    assert isinstance(reader.message, Continue) and reader.trailing == b""
+
+
+def test_continue_byte_by_byte() -> None:
+    reader = RequestReader()
+    data = encode_request(CONT)
+    for i, byte in enumerate(data):
+        result = reader.feed(bytes([byte]))
+        assert (result is None) == (i < len(data) - 1)
+    assert reader.message == CONT
+
+
+def test_continue_trailing_bytes_are_handed_back() -> None:
+    """After the switch the peer may write at once: those bytes belong to the stream."""
+    reader = RequestReader()
+    assert reader.feed(encode_request(CONT) + b"payload on the fresh connection") == CONT
+    assert reader.trailing == b"payload on the fresh connection"
+
+
+def test_continue_is_the_request_layout_with_its_own_type() -> None:
+    request, cont = encode_request(REQ), encode_request(CONT)
+    assert (request[5], cont[5]) == (TYPE_REQUEST, TYPE_CONTINUE)
+    assert request[:5] + request[6:] == cont[:5] + cont[6:]
+    assert RequestReader().feed(request) != RequestReader().feed(cont)  # never taken for one another
 
 
 def test_reply_whole_and_split() -> None:
@@ -100,6 +132,10 @@ def test_oversized_header_is_refused_before_it_is_buffered() -> None:
 def test_reply_type_confusion_and_bad_fields() -> None:
     with pytest.raises(ProtocolError, match="unexpected header type"):
         ReplyReader().feed(encode_request(REQ))
+    with pytest.raises(ProtocolError, match="unexpected header type 3"):
+        ReplyReader().feed(encode_request(CONT))
+    with pytest.raises(ProtocolError, match=r"unexpected header type 2 \(expected 1 or 3\)"):
+        RequestReader().feed(encode_reply(Reply(STATUS_OK)))
     bad_status = bytearray(encode_reply(Reply(STATUS_OK)))
     bad_status[6] = 200
     with pytest.raises(ProtocolError, match="unknown reply status"):
@@ -132,9 +168,17 @@ names = st.text(
 hosts = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 
 
-@given(source=hosts, name=names, stream_id=st.integers(0, 2**64 - 1), data=st.data())
-def test_request_round_trip_any_split(source: str, name: str, stream_id: int, data: st.DataObject) -> None:
-    req = Request(source, name, stream_id)
+@given(
+    kind=st.sampled_from([Request, Continue]),
+    source=hosts,
+    name=names,
+    stream_id=st.integers(0, 2**64 - 1),
+    data=st.data(),
+)
+def test_request_round_trip_any_split(
+    kind: type[Request | Continue], source: str, name: str, stream_id: int, data: st.DataObject
+) -> None:
+    req = kind(source, name, stream_id)
     wire = encode_request(req) + b"tail"
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
     reader = RequestReader()
@@ -170,14 +214,14 @@ def mostly(valid: st.SearchStrategy[int], bits: int) -> st.SearchStrategy[int]:
 
 @st.composite
 def request_wires(draw: st.DrawFn) -> bytes:
-    """Request headers with any field possibly wrong, and trailing bytes."""
+    """Request (and Continue) headers with any field possibly wrong, and trailing bytes."""
     source = draw(st.one_of(hosts, hosts, names)).encode()  # sometimes not a relay name
     name = draw(names).encode()
     fixed = struct.pack(
         ">4sBBHHQ",
         draw(st.sampled_from([MAGIC, MAGIC, MAGIC, b"MGRX", b"\x16\x03\x01\x02"])),
         draw(mostly(st.just(VERSION), 8)),
-        draw(mostly(st.just(TYPE_REQUEST), 8)),
+        draw(mostly(st.sampled_from([TYPE_REQUEST, TYPE_CONTINUE]), 8)),
         draw(mostly(st.just(len(source)), 16)),
         draw(mostly(st.just(len(name)), 16)),
         draw(st.integers(0, 2**64 - 1)),
