@@ -140,7 +140,7 @@ def _admission(**limits: int) -> Admission:
     return Admission(Limits(**limits), Counter("refused", "", ["reason"], registry=CollectorRegistry()))
 
 
-@pytest.mark.xfail(strict=True, reason="relay/admission.py:105-114 evicts the busiest exact address")
+@pytest.mark.xfail(strict=True, reason="relay/admission.py:107-113 evicts the busiest exact address")
 def test_a_flood_with_one_connection_per_address_does_not_evict_a_peer() -> None:
     """README, Hardening: 'over the overall caps the oldest connection of the source that holds
     the most is closed instead, so a flood from a few addresses pays for itself and a peer
@@ -161,7 +161,7 @@ def test_a_flood_with_one_connection_per_address_does_not_evict_a_peer() -> None
     assert closed == ["flood", "flood"], closed
 
 
-@pytest.mark.xfail(strict=True, reason="relay/admission.py:126 evict_one scans every source address on each arrival")
+@pytest.mark.xfail(strict=True, reason="relay/admission.py:107 evict_one scans every source address on each arrival")
 def test_eviction_costs_the_same_whatever_the_number_of_source_addresses() -> None:
     """At the default cap (1024) with one connection per address, each arrival over the cap
     costs ~1 ms of the one thread that also runs every pump (measured 0.9 ms; 10 ms at a cap
