@@ -11,18 +11,21 @@ connection holds a slot for each thing it costs:
 - a forwarded connection, from the moment it is accepted for a peer until it ends: a
   `streams_per_peer` slot of that peer (on each relay's own side).
 
-Over the per-address cap, the new connection is closed at once. Over the overall
-unauthenticated or handshake cap, closing the newcomer would let a flood lock real
-peers out for as long as it lasts; so the oldest connection of the source address
-that holds the most slots is closed instead (a flood from a few addresses pays for
-itself, and a peer relay, which holds one or two at a time, gets through). Before
-authentication nothing is said to the closed connection. Over the stream cap a peer
+Over the per-address cap (an IPv4 address, an IPv6 /64), the new connection is closed
+at once. Over the overall unauthenticated or handshake cap, closing the newcomer would
+let a flood lock real peers out for as long as it lasts; so the oldest unauthenticated
+connection is closed instead. A peer relay needs a slot only for the milliseconds of
+its handshake, so it is always among the newest: a flood evicts itself, at whatever
+rate it arrives and from however many addresses, as long as it cannot hold a slot
+for less than a handshake takes. Before authentication nothing is said to the closed
+connection. Over the stream cap a peer
 is told why (STATUS_OVER_LIMIT), and a local client is closed. Every one is counted in
 migrelay_refused_total{reason} and logged at most once a second per reason.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,44 +77,65 @@ class _Held:
 
 
 class _Pool:
-    """Slots of one cap, grouped by source address, oldest first."""
+    """Slots of one cap: how many each source holds, and every holder, oldest first."""
 
     def __init__(self) -> None:
-        self.by_key: dict[str, list[_Held]] = {}
-        self.count = 0
+        self.by_key: dict[str, int] = {}
+        self._held: dict[_Held, None] = {}  # insertion-ordered: the oldest first
+
+    @property
+    def count(self) -> int:
+        return len(self._held)
 
     def add(self, held: _Held) -> Slot:
-        self.by_key.setdefault(held.key, []).append(held)
-        self.count += 1
+        self._held[held] = None
+        self.by_key[held.key] = self.by_key.get(held.key, 0) + 1
         return Slot(lambda: self._remove(held))
 
     def _remove(self, held: _Held) -> None:
-        group = self.by_key.get(held.key)
-        if group is None or held not in group:
+        if self._held.pop(held, True) is not None:
             return  # evicted already
-        group.remove(held)
-        self.count -= 1
-        if not group:
+        left = self.by_key[held.key] - 1
+        if left:
+            self.by_key[held.key] = left
+        else:
             del self.by_key[held.key]
 
     def held_by(self, key: str) -> int:
-        return len(self.by_key.get(key, ()))
+        return self.by_key.get(key, 0)
 
     def evict_one(self) -> bool:
-        """Close the oldest connection of the address holding the most; False if none can be.
+        """Close the oldest connection that can be closed; False if none can be.
 
-        Among addresses holding as many, the one that has held slots longest goes first
-        (dicts keep insertion order, and max() returns the first maximum): a peer relay's
-        address holds a slot only for its handshake, so it is never the oldest one.
+        The oldest, whatever its source: a peer relay's connection holds a slot only for
+        the milliseconds of its handshake, so it is always among the newest, however many
+        addresses a flood comes from. (Picking the source that holds the most instead lets
+        a flood of one connection per address make a busy peer the victim.) O(1) but for
+        holders that cannot be closed, which only tests create.
         """
-        candidates = [group for group in self.by_key.values() if any(h.evict is not None for h in group)]
-        if not candidates:
+        victim = next((h for h in self._held if h.evict is not None), None)
+        if victim is None:
             return False
-        victim = next(h for h in max(candidates, key=len) if h.evict is not None)
         self._remove(victim)
         assert victim.evict is not None
         victim.evict()
         return True
+
+
+def source_key(address: str | None) -> str:
+    """What the per-address cap counts by: an IPv4 address, an IPv6 /64, or "unix".
+
+    One IPv6 host commonly has a whole /64 to pick addresses from.
+    """
+    if address is None:
+        return "unix"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
 
 
 class Admission:
@@ -134,7 +158,7 @@ class Admission:
         return self._handshakes.count
 
     def unauthenticated_from(self, address: str) -> int:
-        return self._unauthenticated.held_by(address)
+        return self._unauthenticated.held_by(source_key(address))
 
     def _count(self, reason: str, message: str) -> None:
         self._refused.labels(reason).inc()
@@ -146,12 +170,12 @@ class Admission:
             if not pool.evict_one():
                 self._count(reason, f"closed {who}: {message}")
                 raise OverLimit(reason, message)
-            self._count(reason, f"closed the oldest connection of the busiest source for {who}: {message}")
+            self._count(reason, f"closed the oldest unauthenticated connection for {who}: {message}")
         return pool.add(_Held(key, evict))
 
     def unauthenticated_slot(self, address: str | None, evict: Callable[[], None] | None = None) -> Slot:
         """For a connection just accepted on a peer listener; `address` None for unix peers."""
-        key = address or "unix"
+        key = source_key(address)
         who = f"a connection from {address or 'a unix peer'}"
         per_address = self.limits.unauthenticated_per_address
         if address is not None and self._unauthenticated.held_by(key) >= per_address:
@@ -162,7 +186,7 @@ class Admission:
 
     def handshake_slot(self, address: str | None, evict: Callable[[], None] | None = None) -> Slot:
         who = f"a handshake from {address or 'a unix peer'}"
-        return self._admit(self._handshakes, self.limits.handshakes, "handshakes", address or "unix", who, evict)
+        return self._admit(self._handshakes, self.limits.handshakes, "handshakes", source_key(address), who, evict)
 
     def stream_slot(self, peer: str) -> Slot:
         cap = self.limits.streams_per_peer

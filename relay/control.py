@@ -124,6 +124,8 @@ class Control:
             raise ControlError(f"peer {peer_name} allows neither migration.sock nor nbd.sock")
         assert self._nursery is not None, "Control.serve() must be running"
         session_id = self.session_ids()
+        if session_id in self.sessions:  # 32 random bits: a clash is rare, but it must not end the daemon
+            raise ControlError(f"session id {session_id} is taken; ask again")
         folder = peer_dir(cfg.socket_dir, peer.name)
         # Not recreated here: the peer's own sockets (libvirt.sock, named in the answer's desturi)
         # went with it, and only a restart binds those again.

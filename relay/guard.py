@@ -59,7 +59,12 @@ def _close_all(owned: list[Closable]) -> None:
 
 
 class RateLimitedLog:
-    """Log a warning per reason at most once every LOG_EVERY_S, saying how many were not logged."""
+    """Log per reason at most once every LOG_EVERY_S, saying how many were not logged.
+
+    For what anyone who can reach a port can trigger at will: a line per event would let
+    them flood the journal, and journald's own rate limit would then drop the relay's real
+    lines (a failed migration's reason) with theirs. Every event is still counted in a metric.
+    """
 
     def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
         self._log = logger
@@ -68,12 +73,16 @@ class RateLimitedLog:
         self._skipped: dict[str, int] = {}
 
     def warning(self, reason: str, message: str, *args: object) -> None:
+        self.log(logging.WARNING, reason, message, *args)
+
+    def log(self, level: int, reason: str, message: str, *args: object) -> None:
         now = time.monotonic()
         last = self._last.get(reason)
         if last is not None and now - last < self._every_s:
             self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            self._log.debug(message, *args)
             return
         self._last[reason] = now
         skipped = self._skipped.pop(reason, 0)
         suffix = f" ({skipped} more like it not logged)" if skipped else ""
-        self._log.warning(message + suffix, *args)
+        self._log.log(level, message + suffix, *args)

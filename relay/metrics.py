@@ -7,6 +7,8 @@ touches a global. Byte counters are fed in batches by `datapath.Meter`.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from typing import Final
 
 import trio
@@ -18,7 +20,12 @@ from relay.guard import contained
 log = logging.getLogger("migrelay.metrics")
 
 HTTP_REQUEST_TIMEOUT_S: Final = 5.0
+# A client that does not read its answer holds an fd: it gets this long, then it is closed.
+HTTP_ANSWER_TIMEOUT_S: Final = 5.0
 MAX_HTTP_REQUEST_BYTES: Final = 8192
+# Prometheus scrapes with one connection at a time; anyone who can reach the port (every
+# local user, on 127.0.0.1) must not hold more fds than this.
+MAX_HTTP_CONNECTIONS: Final = 8
 
 
 class Metrics:
@@ -85,17 +92,27 @@ async def serve_metrics(
 ) -> None:
     """A minimal HTTP/1.1 endpoint: GET /metrics (or /) -> the text exposition."""
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    clients = 0
     async with trio.open_nursery() as nursery:
         task_status.started()
 
         async def handler(stream: trio.SocketStream) -> None:
-            with contained("metrics", metrics.internal_errors, stream.socket):
-                await _answer(stream, metrics)
+            nonlocal clients
+            if clients >= MAX_HTTP_CONNECTIONS:
+                metrics.refused.labels("metrics_connections").inc()
+                stream.socket.close()  # at once: a scraper that needs more is not Prometheus
+                return
+            clients += 1
+            try:
+                with contained("metrics", metrics.internal_errors, stream.socket):
+                    await _answer(stream, metrics)
+            finally:
+                clients -= 1
 
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
 
-async def _answer(stream: trio.abc.Stream, metrics: Metrics) -> None:
+async def _answer(stream: trio.SocketStream, metrics: Metrics) -> None:
     async with stream:
         request = b""
         with trio.move_on_after(HTTP_REQUEST_TIMEOUT_S):
@@ -119,7 +136,11 @@ async def _answer(stream: trio.abc.Stream, metrics: Metrics) -> None:
             ctype,
             len(body),
         )
-        try:
-            await stream.send_all(head + body)
-        except (trio.BrokenResourceError, OSError):
-            log.debug("metrics client went away before the answer was sent")
+        with trio.move_on_after(HTTP_ANSWER_TIMEOUT_S) as deadline:
+            try:
+                await stream.send_all(head + body)
+            except (trio.BrokenResourceError, OSError):
+                log.debug("metrics client went away before the answer was sent")
+        if deadline.cancelled_caught:
+            # it does not read: reset, so the kernel does not keep the answer queued for it
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

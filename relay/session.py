@@ -55,7 +55,7 @@ from relay.errors import (
     RemoteError,
     printable,
 )
-from relay.guard import Closable, contained
+from relay.guard import Closable, RateLimitedLog, contained
 from relay.metrics import Metrics
 from relay.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
 from relay.protocol import (
@@ -94,9 +94,14 @@ class RelayContext:
     live_streams: dict[tuple[str, int], tuple[str, RekeyConn]] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(secrets.randbits(32)))
     admission: Admission = field(init=False)
+    _socket_gid: int | None = field(init=False)
+    # what anyone who can reach a listener can make the relay log: at most a line a second per kind
+    anyone_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.limits, self.metrics.refused)
+        # resolved once: an NSS lookup (LDAP, sssd) per stream could stall every stream
+        self._socket_gid = self.config.socket_gid
 
     def next_stream_id(self) -> int:
         return next(self._ids)
@@ -115,7 +120,7 @@ class RelayContext:
         """
         if uid in (0, os.geteuid()):
             return True
-        gid = self.config.socket_gid
+        gid = self._socket_gid
         return gid is not None and _in_group(uid, gid)
 
     def channel_label(self, peer: str, name: str) -> str:
@@ -478,8 +483,11 @@ async def _serve_inbound(
                 await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
         except _Answerable as e:
             what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
-            log.warning("refused %s%s: %s", what, who, e.refused.detail)
             peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
+            if peer_label == "unknown":  # anyone can do this (on unix and tcp:// listeners): throttled
+                ctx.anyone_log.warning("refused", "refused %s%s: %s", what, who, e.refused.detail)
+            else:
+                log.warning("refused %s%s: %s", what, who, e.refused.detail)
             ctx.count(peer_label, e.request.name if e.request else "", "refused")
             with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
                 try:
@@ -490,15 +498,17 @@ async def _serve_inbound(
             e.conn.close()
             return
         except ClosedBeforeHeader:
-            log.info("%s completed a handshake and closed (a `migrelay check`?)", who)
+            ctx.anyone_log.log(logging.INFO, "probe", "%s completed a handshake and closed (a `migrelay check`?)", who)
             raw.close()
             return
         except OverLimit:
             raw.close()  # before authentication: closed at once, said nothing (admission logged it)
             return
         except (RemoteError, OSError, trio.TooSlowError) as e:
+            # mostly before authentication, where anyone can cause it at will: throttled per kind
+            kind_of = "timeout" if isinstance(e, trio.TooSlowError) else type(e).__name__
             reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
-            log.warning("failed connection from %s: %s", who, reason)
+            ctx.anyone_log.warning(kind_of, "failed connection from %s: %s", who, reason)
             ctx.count("unknown", "", "failed")
             raw.close()
             for sock in owned[1:]:  # a target connected before the reply could be sent

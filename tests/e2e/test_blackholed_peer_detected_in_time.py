@@ -284,3 +284,38 @@ async def scenario(root: Path, link: netns.Link, case: Case, relay_a: ServeProce
         assert (streams_closed(on_a, "hvB", "ok"), streams_closed(on_b, "hvA", "ok")) == (1, 1)
         assert (streams_closed(on_a, "hvB", "failed"), streams_closed(on_b, "hvA", "failed")) == (1, 1)
     return watch
+
+
+def test_a_quiet_stream_survives_a_loss_shorter_than_the_ack_timeout(tmp_path: Path) -> None:
+    """The ACK watchdog counts from when an ACK fell due, not from the last ACK. Counted from the
+    last ACK (as it once was), the first bytes after a quiet spell were owed for the whole spell:
+    ack timeout 6 s, 5 s quiet, then 3 s of loss while sending, and a live stream was aborted
+    ('the peer acknowledged nothing for 8s')."""
+    need("ip", "nft")
+    if (reason := netns.missing()) is not None:
+        pytest.skip(reason)
+    p = make_pki(tmp_path)
+    case = Case("quiet", 30, 10, 3, 6.0, in_flight=True)
+
+    async def scenario(root: Path, link: netns.Link) -> str:
+        with await listen(root / "hvB/hvB/migration.sock") as dest:
+            client, target = await establish(root / "hvA/hvB/migration.sock", dest)
+            with client, target:
+                await trio.sleep(5)  # a quiet stream (a paused guest, an idle libvirt connection)
+                link.blackhole()
+                await client.send(b"x" * 1000)
+                await trio.sleep(3)
+                link.restore()
+                got = b""
+                with trio.move_on_after(5):
+                    while len(got) < 1000 and (chunk := await target.recv(65536)):
+                        got += chunk
+                return "survived" if len(got) == 1000 else f"lost after {len(got)} bytes"
+
+    with netns.veth_pair() as link:
+        hosts = {tmp_path / "hvA.toml": link.a, tmp_path / "hvB.toml": link.b}
+        a_cfg, b_cfg = write_configs(tmp_path, p, link, case)
+        with serve(a_cfg, b_cfg, prefix=lambda cfg: hosts[cfg].argv()) as (ra, _):
+            outcome = trio.run(scenario, tmp_path, link)
+            log = ra.output()
+    assert outcome == "survived", f"{outcome}; hvA: {log[log.find('broken') :][:120]}"

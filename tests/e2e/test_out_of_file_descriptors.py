@@ -133,3 +133,27 @@ def test_out_of_file_descriptors(tmp_path: Path) -> None:
         finally:
             stop.set()
     assert "Too many open files" in a.output() + b.output()
+
+
+def test_a_watchdog_ping_while_out_of_fds_does_not_end_the_daemon(tmp_path: Path) -> None:
+    """systemd/migrelay.service sets WatchdogSec=30s: the relay pings every 15 s. A ping that
+    needed an fd of its own (a socket per message, as it once did) failed with EMFILE when the
+    table was full, outside every guard: `migrelay serve` exited and took every migration in
+    flight with it. The notify socket is now opened once, and a ping that cannot go is logged.
+    """
+    pair_configs(tmp_path, make_pki(tmp_path), "tls")
+    with serve(tmp_path / "hvB.toml", env={"WATCHDOG_USEC": "1000000"}) as (b,):  # a ping every 0.5 s
+        pid = b.proc.pid
+        # the lowest free fd, sampled a few times: each ping holds one more fd for a moment
+        first_free = 1 << 20
+        for _ in range(5):
+            used = open_fds(pid)
+            first_free = min(first_free, min(n for n in range(max(used) + 2) if n not in used))
+            time.sleep(0.05)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (first_free, hard))  # no fd left, for 2 s
+        time.sleep(2)
+        status = b.proc.poll()
+        if status is None:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert status is None, f"the relay exited with {status}:\n{b.output()[-400:]}"

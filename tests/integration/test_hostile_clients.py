@@ -6,6 +6,7 @@ them may end the daemon and, with it, every migration in flight.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -14,14 +15,20 @@ import pytest
 import trio
 
 from relay import config
+from relay.metrics import HTTP_ANSWER_TIMEOUT_S, MAX_HTTP_CONNECTIONS
 from tests.integration.test_hostile_peers import with_good_stream_in_flight
-from tests.integration.test_relays import running
+from tests.integration.test_relays import counted, running
 from tests.support import Pki, add_metrics, make_pki, pair_configs, scrape
 
 
 @pytest.fixture
 def p(tmp_path: Path) -> Pki:
     return make_pki(tmp_path)
+
+
+def open_fds() -> int:
+    """This process's fds: the in-process relay's and the test's own."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 async def reset_after(port: int, data: bytes) -> None:
@@ -48,3 +55,42 @@ async def test_metrics_client_that_resets_mid_request(tmp_path: Path, p: Pki, da
             assert await trio.to_thread.run_sync(scrape, port)
 
         await with_good_stream_in_flight(tmp_path, attack)
+
+
+async def test_a_metrics_client_that_never_reads_does_not_hold_its_connection(tmp_path: Path) -> None:
+    """A body larger than the socket buffers take (68 KiB here: what a relay in a 16-host cluster
+    exposes once every peer has used every channel) blocks its send for as long as the client
+    keeps its window shut. Anyone who can reach [metrics] listen (127.0.0.1: every local user,
+    the QEMU user included) could so pin relay fds without limit. Now at most
+    MAX_HTTP_CONNECTIONS are held, each for HTTP_ANSWER_TIMEOUT_S after its request at most.
+    """
+    p = make_pki(tmp_path)
+    pair_configs(tmp_path, p, "tls")
+    port = add_metrics(tmp_path / "hvB.toml")
+    b = config.load(tmp_path / "hvB.toml")
+    async with running(b) as (rb,):
+        for i in range(15):
+            for ch in ("libvirt", "migration", "nbd"):
+                for d in ("tx", "rx"):
+                    rb.metrics.bytes.labels(f"hv{i}", ch, d).inc(123456789)
+                for r in ("ok", "refused", "failed"):
+                    rb.metrics.connections.labels(f"hv{i}", ch, r).inc()
+                    rb.metrics.streams_closed.labels(f"hv{i}", ch, r).inc()
+                rb.metrics.active.labels(f"hv{i}", ch).set(0)
+        assert len(rb.metrics.render()) > 60_000
+        clients = []
+        before = open_fds()
+        for _ in range(30):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the smallest window the kernel allows
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            clients.append(s)
+        await trio.sleep(1)
+        assert counted(rb, "migrelay_refused_total", reason="metrics_connections") == 30 - MAX_HTTP_CONNECTIONS
+        assert open_fds() - before - len(clients) <= MAX_HTTP_CONNECTIONS
+        await trio.sleep(HTTP_ANSWER_TIMEOUT_S + 1)
+        held = open_fds() - before - len(clients)
+        for s in clients:
+            s.close()
+    assert held <= 0, f"{held} of 30 metrics connections still held after their answer's deadline"

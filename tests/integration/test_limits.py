@@ -95,7 +95,7 @@ async def test_connections_over_the_per_address_cap_are_closed_at_once(
         ("handshakes", b"\x16\x03\x01"),
     ],
 )
-async def test_over_an_overall_cap_the_busiest_sources_oldest_connection_makes_room(
+async def test_over_an_overall_cap_the_oldest_connection_makes_room(
     tmp_path: Path, p: Pki, cap: str, first_bytes: bytes
 ) -> None:
     """A flood must not lock a real peer out: over the cap, the flood pays, not the newcomer."""
@@ -168,3 +168,23 @@ async def test_the_source_relay_caps_streams_per_peer_too(tmp_path: Path, p: Pki
         await eventually(lambda: counted(ra, "migrelay_active_streams") == 0)
         await roundtrip(tmp_path / "hvA/hvB/migration.sock", 4, 1 << 20)
         servers.cancel_scope.cancel()
+
+
+async def test_connections_that_fail_their_handshake_cannot_flood_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can connect and close without a byte: a WARNING line each (as it once was) would let
+    them flood the journal, and journald's own rate limit would then drop the relay's real lines
+    (a failed migration's reason). At most a line a second per kind; every one is counted."""
+    p = make_pki(tmp_path)
+    _, b = pair_configs(tmp_path, p, "tls")
+    caplog.set_level(logging.INFO)
+    async with running(b):
+        for _ in range(100):
+            sock = await open_from("127.0.0.2", b)  # one address, well under every [limits] cap
+            sock.close()
+            await trio.sleep(0.002)
+        await trio.sleep(0.5)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed connection from" in r.getMessage()]
+    assert 1 <= len(lines) <= 5, f"{len(lines)} warning lines for 100 connect+close"
+    assert "more like it not logged" in lines[-1].getMessage() or len(lines) == 1
