@@ -26,7 +26,11 @@ class ListenerFailed(LocalError):
     """One of the relay's own listening sockets cannot accept any more."""
 
 
-LISTEN_BACKLOG: Final = 128
+# Room for a burst of connections between two accept() calls (the kernel caps it at
+# net.core.somaxconn): a flood fills a small backlog, and then the kernel drops the last
+# ACK of new handshakes, leaving clients (real peers among them) connected on their side
+# only, for the minutes it takes SYN-ACK retries to give up.
+LISTEN_BACKLOG: Final = 1024
 # Accept loops retry on these (a full fd table is a capacity problem, not a bug).
 CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CAPACITY_BACKOFF_S: Final = 0.1

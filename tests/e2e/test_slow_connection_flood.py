@@ -89,10 +89,10 @@ def test_slow_connection_flood(tmp_path: Path) -> None:
         assert result["far"] == (STREAM_BYTES, result["sent"])
         assert report.opened == CONNECTIONS and report.still_open == 0, report.summary()
         assert report.longest_s <= timeout_s + CLOSE_MARGIN_S, report.summary()
-        # over [limits] (1024 unauthenticated, 128 handshakes), the rest were closed at once
+        # over [limits] (1024 unauthenticated), the oldest were closed to make room for newcomers
         samples = scrape(port_b)
         refused = {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == "migrelay_refused_total"}
-        assert refused.get("unauthenticated", 0) > 0 and report.closed_at_once >= refused["unauthenticated"]
+        assert refused.get("unauthenticated", 0) > 0, refused
         assert peak[0] - rss_before < 64, f"RSS grew by {peak[0] - rss_before:.0f} MiB"
         deadline = time.monotonic() + 10
         while len(os.listdir(f"/proc/{pid}/fd")) > fds_before and time.monotonic() < deadline:
