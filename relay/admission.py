@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -81,7 +82,9 @@ class _Pool:
 
     def __init__(self) -> None:
         self.by_key: dict[str, int] = {}
-        self._held: dict[_Held, None] = {}  # insertion-ordered: the oldest first
+        # the oldest first; an OrderedDict, not a dict: a dict whose first entries keep being
+        # removed makes every walk from its front skip their tombstones (O(n) per eviction)
+        self._held: OrderedDict[_Held, None] = OrderedDict()
 
     @property
     def count(self) -> int:

@@ -120,6 +120,34 @@ async def watch_acks(current: Callable[[], trio.socket.SocketType], liveness: Li
             raise OSError(errno.ETIMEDOUT, f"timed out: the peer acknowledged nothing for {owed_s:.0f}s")
 
 
+# a TLS record header: content type, legacy version, length
+_TLS_RECORD_HEADER: Final = struct.Struct("!BHH")
+_TLS_HANDSHAKE_RECORD: Final = 22
+# a record's plaintext is at most 2^14 bytes; anything announcing more is OpenSSL's to refuse
+_MAX_FIRST_RECORD_BYTES: Final = 16384
+
+
+async def first_record(sock: trio.socket.SocketType) -> None:
+    """Return once a TLS client's whole first record (its ClientHello) has arrived, unread.
+
+    Until then the connection costs no OpenSSL state, no handshake slot and no wakeup:
+    SO_RCVLOWAT keeps the kernel from reporting the socket readable before that many bytes
+    are queued (an EOF still wakes it). So a client trickling its ClientHello a byte every
+    few seconds (a slow-handshake attack) only waits, bounded by handshake_timeout_s,
+    where it would otherwise hold a handshake slot and wake the relay at every byte. A
+    first record that is not a TLS handshake returns at once: OpenSSL refuses it.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER.size)
+    await trio.lowlevel.wait_readable(sock)
+    head = await sock.recv(_TLS_RECORD_HEADER.size, socket.MSG_PEEK)
+    if len(head) == _TLS_RECORD_HEADER.size:
+        kind, _, length = _TLS_RECORD_HEADER.unpack(head)
+        if kind == _TLS_HANDSHAKE_RECORD and length <= _MAX_FIRST_RECORD_BYTES:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER.size + length)
+            await trio.lowlevel.wait_readable(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
 def _tune_unix(sock: trio.socket.SocketType) -> None:
     """A deeper send buffer than the default ~208 KiB, on every unix socket the relay uses
     (the legs to a local QEMU or libvirt, and the unix peer transport).

@@ -395,9 +395,9 @@ async def _accept_request(
     names: frozenset[str] = frozenset()
     if kind == "tls":
         assert ctx.server_tls is not None
-        # a silent connection holds no handshake slot and no OpenSSL state, only its
-        # socket: it waits for its first bytes, for handshake_timeout_s at most
-        await trio.lowlevel.wait_readable(raw)
+        # a silent or trickling client holds no handshake slot and no OpenSSL state, only
+        # its socket: it waits for its whole ClientHello, for handshake_timeout_s at most
+        await net.first_record(raw)
         tls = TlsConn.server(raw, ctx.server_tls)
         conn = tls
         with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):

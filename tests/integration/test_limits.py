@@ -8,6 +8,7 @@ the daemon are undisturbed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from OpenSSL import SSL
 
 from relay import config
 from relay.admission import Admission
@@ -54,12 +56,15 @@ def admission(relay: Relay) -> Admission:
 
 
 async def closed_at_once(sock: trio.socket.SocketType, wait_s: float = 1.0) -> bool:
-    """Did the relay close this connection without a word (within a moment)?"""
+    """Did the relay close this connection (within a moment)? Before authentication it says
+    nothing; a handshake it had begun may have sent its first flight (read past it)."""
     with trio.move_on_after(wait_s):
         try:
-            return await sock.recv(10) == b""
+            while await sock.recv(65536):
+                pass
         except ConnectionResetError:
-            return True
+            pass
+        return True
     return False
 
 
@@ -87,12 +92,21 @@ async def test_connections_over_the_per_address_cap_are_closed_at_once(
         servers.cancel_scope.cancel()
 
 
+def client_hello() -> bytes:
+    """A real TLS ClientHello: a client that sends it and then stalls holds a handshake slot."""
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    conn.set_connect_state()
+    with contextlib.suppress(SSL.WantReadError):
+        conn.do_handshake()
+    return conn.bio_read(65536)
+
+
 @pytest.mark.parametrize(
     ("cap", "first_bytes"),
     [
         ("unauthenticated", b""),
-        # a TLS record header, then nothing: a handshake begun and stalled
-        ("handshakes", b"\x16\x03\x01"),
+        # a whole ClientHello, then nothing: a handshake begun and stalled
+        ("handshakes", client_hello()),
     ],
 )
 async def test_over_an_overall_cap_the_oldest_connection_makes_room(
@@ -188,3 +202,23 @@ async def test_connections_that_fail_their_handshake_cannot_flood_the_log(
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed connection from" in r.getMessage()]
     assert 1 <= len(lines) <= 5, f"{len(lines)} warning lines for 100 connect+close"
     assert "more like it not logged" in lines[-1].getMessage() or len(lines) == 1
+
+
+async def test_a_trickled_client_hello_holds_no_handshake_slot(tmp_path: Path, p: Pki) -> None:
+    """A slow-handshake client (its ClientHello a byte at a time) costs the relay no OpenSSL
+    state and no handshake slot until its whole first record is in: it only waits, and is
+    closed at handshake_timeout_s."""
+    a, _ = pair_configs(tmp_path, p, "tls")
+    b = limited(tmp_path, "hvB", handshakes=1)
+    hello = client_hello()
+    async with running(a, b) as (_, rb), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        tricklers = [await open_from(ATTACKER, b, hello[:-1]) for _ in range(5)]  # all but its last byte
+        await eventually(lambda: admission(rb).unauthenticated_from(ATTACKER) == 5)
+        assert admission(rb).handshakes == 0
+        # the one handshake slot is free for the real peer
+        await roundtrip(tmp_path / "hvA/hvB/migration.sock", 5, 1 << 20)
+        assert counted(rb, "migrelay_refused_total", reason="handshakes") == 0
+        for sock in tricklers:
+            sock.close()
+        servers.cancel_scope.cancel()
