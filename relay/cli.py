@@ -1,6 +1,8 @@
 """Argument parsing and exit codes; no logic lives here.
 
 Exit status: 0 success, 1 a check or transfer failed, 2 bad input (one line on stderr).
+Each command imports what it needs when it runs, so `--help` and `pki` start without
+trio or OpenSSL.
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
-from relay import __version__, config, control, pki
-from relay.errors import InternalError, LocalError, MigrationInterrupted, RemoteError
+from relay import __version__
+from relay.core import config
+from relay.core.errors import InternalError, Interrupted, LocalError, RemoteError
+from relay.tools import pki  # cryptography only: no trio, no OpenSSL
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CONTROL = Path(config.DEFAULT_SOCKET_DIR) / config.CONTROL_SOCKET_NAME
-BENCH_SETUPS = (
-    "direct", "socat-tcp", "socat-unix", "stunnel", "haproxy-tls", "haproxy-tcp",
-    "migrelay-tls", "migrelay-tcp", "migrelay-unix",
-)  # fmt: skip
 
 
 def _size(text: str) -> int:
@@ -38,7 +36,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="migrelay", description="Relay libvirt/QEMU live migrations over one mutual-TLS port."
+        prog="migrelay", description="Daemon libvirt/QEMU live migrations over one mutual-TLS port."
     )
     p.add_argument("--version", action="version", version=f"migrelay {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -103,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_options(m)
 
     b = sub.add_parser("bench", help="throughput, CPU, latency and memory against socat, stunnel and HAProxy")
-    b.add_argument("--setups", default=",".join(BENCH_SETUPS), help="comma-separated (default: all)")
+    b.add_argument("--setups", default="", help="comma-separated (default: all)")
     b.add_argument("--streams", default="1,4,16", help="concurrent stream counts (default 1,4,16)")
     b.add_argument("--size", type=_size, default=_size("1G"), help="bytes per throughput run (default 1G)")
     b.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
@@ -121,19 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relay.server import Relay, run_daemon
+    from relay.daemon.server import Daemon, run_daemon
 
-    run_daemon(Relay(config.load(args.config), allow_splice=not args.no_splice))
+    run_daemon(Daemon(config.load(args.config), allow_splice=not args.no_splice))
     return EXIT_OK
 
 
 def _check(args: argparse.Namespace) -> int:
-    from relay.check import run_check
+    from relay.tools.check import check
 
     cfg = config.load(args.config)
     if args.print:
         print(cfg.as_toml(), end="")
-    findings = trio.run(run_check, cfg)
+    findings = check(cfg)
     for finding in findings:
         print(finding)
     return EXIT_FAILED if any(f.level == "error" for f in findings) else EXIT_OK
@@ -150,10 +148,9 @@ def _pki(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from relay.demo import run_demo
+    from relay.tools.demo import demo
 
-    result = trio.run(run_demo, args.size, sys.stdout, args.transport)
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return EXIT_OK if demo(args.size, sys.stdout, args.transport).ok else EXIT_FAILED
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -165,39 +162,30 @@ def _control_path(args: argparse.Namespace) -> Path:
 
 
 def _session(args: argparse.Namespace) -> int:
+    from relay.tools.control_client import request
+
     path = _control_path(args)
     if args.session_command == "open":
-        result = control.request(path, "open", peer=args.peer)
+        result = request(path, "open", peer=args.peer)
     elif args.session_command == "close":
-        result = control.request(path, "close", id=args.id)
+        result = request(path, "close", id=args.id)
     else:
-        result = control.request(path, "list")
+        result = request(path, "list")
     print(json.dumps(result, indent=2))
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
-    result = control.request(_control_path(args), "status")
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return EXIT_OK
-    print(f"relay {result['relay']}: up {result['uptime_s']:.0f}s, overlay {result['socket_dir']}, "
-          f"listening on {', '.join(result['listen']) or 'nothing (dials out only)'}")  # fmt: skip
-    for name, peer in result["peers"].items():
-        print(
-            f"  peer {name} ({peer['address'] or 'accept only'}): {peer.get('active_streams', 0)} active, "
-            f"tx {peer.get('bytes_tx', 0)} B, rx {peer.get('bytes_rx', 0)} B, connections ok "
-            f"{peer.get('connections_ok', 0)} refused {peer.get('connections_refused', 0)} "
-            f"failed {peer.get('connections_failed', 0)}"
-        )
-    for session in result["sessions"]:
-        print(f"  session {session['id']} to {session['peer']}: {session['active_streams']} active, "
-              f"idle {session['idle_s']:.0f}s, {session.get('migrateuri', '')}")  # fmt: skip
+    from relay.tools.control_client import request
+    from relay.tools.status import render
+
+    result = request(_control_path(args), "status")
+    print(json.dumps(result, indent=2) if args.json else render(result))
     return EXIT_OK
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from relay.libvirt_helper import MigrateOptions, migrate
+    from relay.tools.migrate import MigrateOptions, migrate
 
     options = MigrateOptions(
         copy_storage_all=args.copy_storage_all,
@@ -222,39 +210,11 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from relay.bench import migration, run, setups
+    from relay.tools.bench import run
 
-    names = [n for n in args.setups.split(",") if n]
-    unknown = [n for n in names if n not in setups.ALL]
-    if unknown:
-        raise LocalError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(setups.ALL)})")
-    missing = setups.missing_tools()
-    if missing:
-        raise LocalError(f"baselines not installed: {', '.join(missing)} (apt-get install socat stunnel4 haproxy)")
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        raise LocalError("migrelay bench needs its extra: pip install 'migrelay[bench]'") from None
+    setups = [n for n in args.setups.split(",") if n]
     streams = [int(n) for n in args.streams.split(",")]
-    migrations = args.migration_reps
-    if migrations and (why := migration.available()) is not None:
-        print(f"migrelay bench: skipping the QEMU migration benchmark: {why}", file=sys.stderr)
-        migrations = 0
-    floods = args.reps if args.flood_reps is None else args.flood_reps
-    if "migrelay-tls" not in names:
-        floods = 0
-    steps = args.reps * (len(streams) + 1) * len(names) + migrations * len(run.MIGRATION_SETUPS) + floods
-    with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
-        report = run.run(names, streams, args.size, args.reps, args.rtt_count, progress=bar.update)
-        if migrations:
-            run.run_migrations(report, migrations, progress=bar.update)
-        if floods:
-            run.run_flood(report, floods, args.size, progress=bar.update)
-    run.table(report, sys.stdout)
-    args.out.mkdir(parents=True, exist_ok=True)
-    run.write_json(report, args.out / "bench.json")
-    run.plot(report, args.out / "bench.png")
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    run.main(setups, streams, args.size, args.reps, args.rtt_count, args.migration_reps, args.flood_reps, args.out)
     return EXIT_OK
 
 
@@ -280,10 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LocalError as e:
         print(f"migrelay {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except RemoteError as e:
+    except Interrupted as e:
         print(f"migrelay {args.command}: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED if isinstance(e, MigrationInterrupted) else EXIT_FAILED
-    except InternalError as e:
+        return EXIT_INTERRUPTED
+    except (RemoteError, InternalError) as e:
         print(f"migrelay {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

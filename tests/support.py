@@ -10,8 +10,9 @@ from pathlib import Path
 
 import trio
 
-from relay import config, pki
-from relay.net import free_port
+from relay.core import config
+from relay.daemon.net import free_port
+from relay.tools import pki
 
 CHUNK = 1 << 20
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import pki
-from relay.net import free_port
+from relay.daemon.net import free_port
+from relay.tools import pki
 from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, qemu_tls_files, relay_config
 from tests.e2e.procs import ServeProcess, serve
 from tests.support import add_metrics, make_pki, pair_configs, scrape

@@ -36,7 +36,7 @@ from typing import Final
 
 import trio
 
-from relay.net import free_port
+from relay.daemon.net import free_port
 from tests.support import Pki, connect, listen
 
 HEADER: Final = struct.Struct("!4sBB2xQQQQ")

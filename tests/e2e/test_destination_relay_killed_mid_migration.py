@@ -67,7 +67,7 @@ def test_destination_relay_killed_mid_migration(hosts: Hosts, ram_dir: Path) -> 
             await dst.stop()
 
     async def relay_a_settles() -> None:
-        """Relay A survives, and the sockets of the broken stream are closed."""
+        """Daemon A survives, and the sockets of the broken stream are closed."""
         for _ in range(50):
             if fd_count(relay_a.proc.pid) <= baseline_fds:
                 break

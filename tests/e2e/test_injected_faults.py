@@ -38,8 +38,8 @@ from typing import Final
 import pytest
 import trio
 
-from relay.config import Liveness
-from relay.net import ACK_CHECKS_PER_TIMEOUT
+from relay.core.config import Liveness
+from relay.daemon.net import ACK_CHECKS_PER_TIMEOUT
 from tests import netns
 from tests.e2e.load import (
     ERRORS,

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import trio
 
-from relay.net import free_port
+from relay.daemon.net import free_port
 from tests.e2e.procs import need, serve
 from tests.support import connect, listen, make_pki, recv_stream, scrape, send_stream
 from tests.unit_sandbox import Unit

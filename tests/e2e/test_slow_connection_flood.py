@@ -18,8 +18,8 @@ from pathlib import Path
 
 import trio
 
-from relay import config
-from relay.bench.flood import flood
+from relay.core import config
+from relay.tools.bench.flood import flood
 from tests.e2e.procs import serve
 from tests.support import add_metrics, connect, listen, make_pki, pair_configs, recv_stream, scrape, send_stream
 

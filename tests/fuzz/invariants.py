@@ -12,11 +12,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from relay import control_protocol
-from relay.control_protocol import BadControlRequest, ControlRequest
-from relay.errors import STATUS_NAMES, ProtocolError
-from relay.overlay import MAX_NAME_BYTES
-from relay.protocol import (
+from relay.core import control_protocol
+from relay.core.control_protocol import BadControlRequest, ControlRequest
+from relay.core.errors import STATUS_NAMES, ProtocolError
+from relay.core.overlay import MAX_NAME_BYTES
+from relay.core.protocol import (
     MAGIC,
     MAX_REASON_BYTES,
     MAX_REPLY_BYTES,

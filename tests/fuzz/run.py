@@ -24,9 +24,9 @@ import atheris
 
 # Coverage feedback comes from instrumented bytecode: the code under test and the checks.
 with atheris.instrument_imports(include=["relay", "tests.fuzz"]):
-    from relay import control_protocol
-    from relay.errors import STATUS_FORBIDDEN, STATUS_OK
-    from relay.protocol import Continue, Reply, Request, encode_reply, encode_request
+    from relay.core import control_protocol
+    from relay.core.errors import STATUS_FORBIDDEN, STATUS_OK
+    from relay.core.protocol import Continue, Reply, Request, encode_reply, encode_request
     from tests.fuzz import invariants
 
 MAX_CUTS: Final = 8

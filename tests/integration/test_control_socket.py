@@ -26,36 +26,31 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from relay.config import Config
-from relay.control import REQUEST_TIMEOUT_S, Control, new_session_id
-from relay.control_protocol import MAX_NESTING, MAX_REQUEST_BYTES
-from relay.metrics import Metrics
-from relay.net import ListenerFailed
-from relay.server import Relay
-from relay.session import RelayContext
-from tests.integration.test_relays import counted, echo_server, eventually, roundtrip
+from relay.core.config import Config
+from relay.core.control_protocol import MAX_NESTING, MAX_REQUEST_BYTES
+from relay.daemon.control import REQUEST_TIMEOUT_S, Control, new_session_id
+from relay.daemon.forward import Forwarding
+from relay.daemon.metrics import Metrics
+from relay.daemon.net import ListenerFailed
+from relay.daemon.server import Daemon
+from tests.integration.conftest import counted, echo_server, eventually, roundtrip
 from tests.integration.test_sessions import ask
-from tests.support import Pki, connect, listen, make_pki, pair_configs
+from tests.support import Pki, connect, listen, pair_configs
 
 OPEN_HVB = b'{"op": "open", "peer": "hvB"}\n'
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 @asynccontextmanager
 async def relays(
     tmp_path: Path, a: Config, b: Config, session_ids: Iterable[str] | None = None, metrics: Metrics | None = None
-) -> AsyncIterator[Relay]:
+) -> AsyncIterator[Daemon]:
     """hvA (with the given session ids and metrics) and hvB running, and hvB's destination
     'hypervisor' echoing on hvB/hvB/migration.sock; yields hvA."""
     ids: Iterator[str] | None = iter(session_ids) if session_ids is not None else None
-    relay_a = Relay(a, metrics=metrics or Metrics(), session_ids=new_session_id if ids is None else lambda: next(ids))
+    relay_a = Daemon(a, metrics=metrics or Metrics(), session_ids=new_session_id if ids is None else lambda: next(ids))
     async with trio.open_nursery() as nursery:
         ra = await nursery.start(relay_a.run)
-        rb = await nursery.start(Relay(b).run)
+        rb = await nursery.start(Daemon(b).run)
         nursery.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), nursery)
         yield ra
         ra.stop()
@@ -92,11 +87,11 @@ async def raw_ask(path: Path, payload: bytes) -> dict[str, Any]:
     return decoded
 
 
-def internal_errors(relay: Relay) -> float:
+def internal_errors(relay: Daemon) -> float:
     return counted(relay, "migrelay_internal_errors_total", where="control")
 
 
-async def still_serving(tmp_path: Path, relay: Relay, seed: int) -> None:
+async def still_serving(tmp_path: Path, relay: Daemon, seed: int) -> None:
     """The relay still carries a stream and still answers its control socket."""
     await roundtrip(tmp_path / "hvA/hvB/migration.sock", seed, 1 << 20)
     assert isinstance(await ask(relay.config.control_path, "list"), list)
@@ -289,14 +284,14 @@ async def test_accept_goes_on_after_a_client_gave_up(tmp_path: Path, p: Pki) -> 
     real = await listen(path)
     async with trio.open_nursery() as nursery:
         flaky = FlakyListener(real, [errno.ECONNABORTED, errno.EPROTO, errno.EPERM])
-        control = Control(RelayContext(a, Metrics()), nursery)
+        control = Control(Forwarding(a, Metrics()), nursery)
         await nursery.start(control.serve_on, flaky)  # type: ignore[arg-type]
         assert await raw_ask(path, b'{"op": "list"}\n') == {"ok": True, "result": []}
         assert flaky.errnos == []
         nursery.cancel_scope.cancel()
     with pytest.raises(ExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:
-            control = Control(RelayContext(a, Metrics()), nursery)
+            control = Control(Forwarding(a, Metrics()), nursery)
             await control.serve_on(FlakyListener(real, [errno.EBADF]))  # type: ignore[arg-type]
     assert raised.group_contains(ListenerFailed, match="Bad file descriptor", depth=2)
 

@@ -1,6 +1,6 @@
 """One conformance suite for every pump: ordering, EOF, half-close, reset, big payloads, cancellation.
 
-Topology: app_a <-tcp-> [end_a | relay() | end_b] <-tcp(/TLS)-> app_b. Every leg is a
+Topology: app_a <-tcp-> [end_a | bridge() | end_b] <-tcp(/TLS)-> app_b. Every leg is a
 real loopback TCP connection, so a reset is a real RST. In the tls-rekey variant end_b
 and app_b are chains of TLS connections (relay/datapath/rekey.py) that move to a fresh
 connection every REKEY_BYTES, so every case also runs across switches.
@@ -18,9 +18,10 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from relay import ossl
-from relay.config import TlsFiles
-from relay.datapath import (
+from relay.core.config import TlsFiles
+from relay.core.errors import RemoteError
+from relay.daemon import tls_fastpath
+from relay.daemon.datapath import (
     Conn,
     Meter,
     PlainConn,
@@ -29,15 +30,14 @@ from relay.datapath import (
     StreamTruncated,
     SwitchDeclined,
     TlsConn,
-    relay,
+    bridge,
 )
-from relay.datapath.pump import COPY_BUFFER_BYTES
-from relay.datapath.rekey import MAX_OPEN_CONNECTIONS
-from relay.errors import RemoteError
-from relay.tlsconfig import client_context, server_context
+from relay.daemon.datapath.pump import COPY_BUFFER_BYTES
+from relay.daemon.datapath.rekey import MAX_OPEN_CONNECTIONS
+from relay.daemon.tlsconfig import client_context, server_context
 from tests.support import make_pki, pattern
 
-# tls-public: the TLS pump on pyOpenSSL's public recv_into, the fallback of relay/ossl.py
+# tls-public: the TLS pump on pyOpenSSL's public API, the fallback of relay/daemon/tls_fastpath.py
 # tls-rekey: TLS with both ends switching to a fresh connection every REKEY_BYTES
 VARIANTS = ["splice", "copy", "tls", "tls-public", "tls-rekey"]
 REKEY_BYTES = 256 * 1024  # tiny, so that even the small cases switch
@@ -120,12 +120,10 @@ class Harness:
 
 
 @pytest.fixture(params=VARIANTS)
-async def harness(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Harness]:
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     variant: str = request.param
-    if variant == "tls-public":
-        monkeypatch.setattr(ossl, "recv_into", ossl._recv_into_public)
+    # the read function is chosen per connection: the fallback needs no monkeypatching
+    read = tls_fastpath.PUBLIC.read if variant == "tls-public" else None
     app_a_raw, end_a_raw = await tcp_pair()
     end_b_raw, app_b_raw = await tcp_pair()
     end_a: Conn = PlainConn(end_a_raw)
@@ -136,8 +134,8 @@ async def harness(
         if variant.startswith("tls"):
             p = make_pki(tmp_path)
             files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
-            end_b_tls = TlsConn.client(end_b_raw, client_context(files))
-            app_b_tls = TlsConn.server(app_b_raw, server_context(files))
+            end_b_tls = TlsConn.client(end_b_raw, client_context(files), read=read)
+            app_b_tls = TlsConn.server(app_b_raw, server_context(files), read=read)
             async with trio.open_nursery() as n:
                 n.start_soon(end_b_tls.handshake)
                 n.start_soon(app_b_tls.handshake)
@@ -152,7 +150,7 @@ async def harness(
         async def run_relay() -> None:
             try:
                 with h.scope:
-                    await relay(end_a, end_b, h.a_to_b, h.b_to_a, allow_splice=variant == "splice")
+                    await bridge(end_a, end_b, h.a_to_b, h.b_to_a, allow_splice=variant == "splice")
             except StreamBroken as e:
                 h.error.append(e)
             finally:
@@ -272,7 +270,7 @@ async def test_tls_truncation_is_not_eof(tmp_path: Path) -> None:
     await app_b.send_all(memoryview(b"some bytes"))
     app_b_raw.shutdown(socket.SHUT_WR)  # FIN with no close_notify
     with pytest.raises(StreamBroken, match="without close_notify"):
-        await relay(PlainConn(end_a_raw), end_b, Meter(), Meter())
+        await bridge(PlainConn(end_a_raw), end_b, Meter(), Meter())
     app_a_raw.close()
     app_b_raw.close()
 

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import config
-from relay.metrics import HTTP_ANSWER_TIMEOUT_S, MAX_HTTP_CONNECTIONS
-from tests.integration.test_hostile_peers import with_good_stream_in_flight
-from tests.integration.test_relays import counted, running
+from relay.core import config
+from relay.daemon.metrics import HTTP_ANSWER_TIMEOUT_S, MAX_HTTP_CONNECTIONS
+from tests.integration.conftest import counted, running, with_good_stream_in_flight
 from tests.support import Pki, add_metrics, make_pki, pair_configs, scrape
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 def open_fds() -> int:

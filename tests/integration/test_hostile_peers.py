@@ -9,44 +9,21 @@ stream must finish byte-exact.
 
 from __future__ import annotations
 
-import hashlib
-import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 from OpenSSL import SSL
 
-from relay import config
-from relay.config import Config, TlsFiles
-from relay.datapath import TlsConn
-from relay.errors import STATUS_FORBIDDEN, RemoteError
-from relay.net import free_port
-from relay.protocol import Reply, Request, encode_reply, encode_request
-from relay.tlsconfig import client_context
-from tests.integration.test_relays import counted, echo_server, eventually, running
-from tests.support import Pki, connect, listen, make_pki, odd_version_certificate, pair_configs
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
-
-
-async def with_good_stream_in_flight(tmp_path: Path, body: Callable[[], Awaitable[None]]) -> None:
-    """Run `body` while a stream through hvA -> hvB is half sent; then finish it and check it."""
-    async with trio.open_nursery() as servers:
-        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
-        good = await connect(tmp_path / "hvA/hvB/migration.sock")
-        await good.send(b"before the attack, ")
-        await body()
-        await good.send(b"after it")
-        good.shutdown(socket.SHUT_WR)
-        with trio.fail_after(10):
-            assert (await good.recv(100)).decode() == hashlib.sha256(b"before the attack, after it").hexdigest()
-        good.close()
-        servers.cancel_scope.cancel()
+from relay.core import config
+from relay.core.config import Config, TlsFiles
+from relay.core.errors import STATUS_FORBIDDEN, RemoteError
+from relay.core.protocol import Reply, Request, encode_reply, encode_request
+from relay.daemon.datapath import TlsConn
+from relay.daemon.net import free_port
+from relay.daemon.tlsconfig import client_context
+from tests.integration.conftest import counted, eventually, running, with_good_stream_in_flight
+from tests.support import Pki, connect, listen, odd_version_certificate, pair_configs
 
 
 async def dial_with(b: Config, cert: Path, key: Path, ca: Path) -> TlsConn:

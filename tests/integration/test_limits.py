@@ -18,20 +18,15 @@ import pytest
 import trio
 from OpenSSL import SSL
 
-from relay import config
-from relay.admission import Admission
-from relay.errors import STATUS_OVER_LIMIT
-from relay.protocol import Request, encode_request
-from relay.server import Relay
-from tests.integration.test_relays import BadPeer, counted, echo_server, eventually, roundtrip, running
+from relay.core import config
+from relay.core.errors import STATUS_OVER_LIMIT
+from relay.core.protocol import Request, encode_request
+from relay.daemon.admission import Admission
+from relay.daemon.server import Daemon
+from tests.integration.conftest import BadPeer, counted, echo_server, eventually, roundtrip, running
 from tests.support import Pki, connect, listen, make_pki, pair_configs
 
 ATTACKER = "127.0.0.2"  # loopback is a /8: the attacker gets an address of its own
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 def limited(tmp_path: Path, name: str, **limits: int) -> config.Config:
@@ -50,7 +45,7 @@ async def open_from(address: str, b: config.Config, first_bytes: bytes = b"") ->
     return sock
 
 
-def admission(relay: Relay) -> Admission:
+def admission(relay: Daemon) -> Admission:
     assert relay.context is not None
     return relay.context.admission
 

@@ -20,21 +20,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import config
-from relay.errors import STATUS_FORBIDDEN, STATUS_NO_TARGET
-from relay.protocol import Request, encode_request
-from tests.integration.test_relays import BadPeer, echo_server, roundtrip, running
-from tests.support import Pki, listen, make_pki, pair_configs
+from relay.core import config
+from relay.core.errors import STATUS_FORBIDDEN, STATUS_NO_TARGET
+from relay.core.protocol import Request, encode_request
+from tests.integration.conftest import BadPeer, echo_server, roundtrip, running
+from tests.support import Pki, listen, pair_configs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own sockets as other users")
 
 NOBODY = pwd.getpwnam("nobody")  # primary group nogroup: a member of socket_group = "nogroup"
 OUTSIDER = pwd.getpwnam("daemon")  # not in nogroup
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 def with_socket_group(tmp_path: Path, name: str, extra: str = "") -> config.Config:

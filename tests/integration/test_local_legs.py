@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from relay import net
+from relay.daemon import net
 
 
 async def test_both_ends_of_a_local_leg_get_the_deep_send_buffer(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import trio
 
-from relay import net
-from relay.config import Address, Liveness
+from relay.core.config import Address, Liveness
+from relay.daemon import net
 
 LIVENESS = Liveness(keepalive_idle_s=7, keepalive_interval_s=3, keepalive_count=2, ack_timeout_s=12.5)
 

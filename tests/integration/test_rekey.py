@@ -15,24 +15,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import config
-from relay.config import Config
-from relay.datapath import StreamTruncated, SwitchDeclined, TlsConn
-from relay.errors import STATUS_FORBIDDEN, STATUS_NO_TARGET
-from relay.metrics import Metrics
-from relay.net import free_port
-from relay.protocol import Continue, RequestReader, encode_request
-from relay.session import RelayContext, continue_outbound
-from relay.tlsconfig import client_context, server_context
-from tests.integration.test_relays import BadPeer, counted, echo_server, eventually, running
-from tests.support import CHUNK, Pki, connect, listen, make_pki, pair_configs, pattern
+from relay.core import config
+from relay.core.config import Config
+from relay.core.errors import STATUS_FORBIDDEN, STATUS_NO_TARGET
+from relay.core.protocol import Continue, RequestReader, encode_request
+from relay.daemon.datapath import StreamTruncated, SwitchDeclined, TlsConn
+from relay.daemon.forward import Forwarding, continue_outbound
+from relay.daemon.metrics import Metrics
+from relay.daemon.net import free_port
+from relay.daemon.tlsconfig import client_context, server_context
+from tests.integration.conftest import BadPeer, counted, echo_server, eventually, running
+from tests.support import CHUNK, Pki, connect, listen, pair_configs, pattern
 
 REKEY_BYTES = 1 << 20
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 def rekeying_pair(root: Path, p: Pki, rekey_after_bytes: int = REKEY_BYTES) -> tuple[Config, Config]:
@@ -258,7 +253,7 @@ async def test_continue_outbound_after_asking(tmp_path: Path, p: Pki, ending: st
             conn.close()
 
     assert a.tls is not None
-    ctx = RelayContext(a, Metrics(), client_tls=client_context(a.tls))
+    ctx = Forwarding(a, Metrics(), client_tls=client_context(a.tls))
     async with trio.open_nursery() as n:
         n.start_soon(fake_hvb)
         if ending == "reset":
@@ -273,5 +268,5 @@ async def test_continue_outbound_after_asking(tmp_path: Path, p: Pki, ending: st
 def test_stream_ids_start_at_random(tmp_path: Path, p: Pki) -> None:
     """A restarted relay must not name its new streams like the live ones of its last run."""
     a, _ = rekeying_pair(tmp_path, p)
-    firsts = {RelayContext(a, Metrics()).next_stream_id() for _ in range(8)}
+    firsts = {Forwarding(a, Metrics()).next_stream_id() for _ in range(8)}
     assert len(firsts) == 8  # equal by chance with probability ~2^-27

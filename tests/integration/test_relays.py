@@ -13,80 +13,20 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-from OpenSSL import SSL
 
-from relay import config, pki
-from relay.config import Config, TlsFiles
-from relay.datapath import TlsConn
-from relay.errors import RemoteError
-from relay.net import free_port
-from relay.protocol import REQUEST_FIXED, Reply, ReplyReader, Request, encode_request
-from relay.server import Relay
-from relay.session import read_header
-from relay.tlsconfig import client_context
-from tests.support import Pki, connect, listen, make_pki, pair_configs, recv_stream, send_stream
+from relay.core import config
+from relay.core.errors import RemoteError
+from relay.core.protocol import REQUEST_FIXED, ReplyReader, Request, encode_request
+from relay.daemon.net import free_port
+from relay.tools import pki
+from tests.integration.conftest import BadPeer, counted, echo_server, eventually, roundtrip, running
+from tests.support import Pki, connect, listen, pair_configs, recv_stream, send_stream
 
 TRANSPORTS = ["tls", "unix", "tcp"]
-
-
-@asynccontextmanager
-async def running(*configs: Config) -> AsyncIterator[list[Relay]]:
-    async with trio.open_nursery() as nursery:
-        relays = [await nursery.start(Relay(c).run) for c in configs]
-        yield relays
-        for r in relays:
-            r.stop()
-
-
-def counted(relay: Relay, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    return sum(
-        sample.value
-        for family in relay.metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait until check() holds, e.g. for a meter flushed when a stream closes."""
-    with trio.fail_after(timeout_s):
-        while not check():  # noqa: ASYNC110  (the condition is a counter or a file, not an event)
-            await trio.sleep(0.01)
-
-
-async def echo_server(listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-    """The destination 'hypervisor': for each connection, read to EOF and answer with the digest."""
-
-    async def one(conn: trio.socket.SocketType) -> None:
-        with conn:
-            _, digest = await recv_stream(conn)
-            await conn.send(digest.encode())
-            conn.shutdown(socket.SHUT_WR)
-
-    while True:
-        conn, _ = await listener.accept()
-        nursery.start_soon(one, conn)
-
-
-async def roundtrip(path: Path, seed: int, size: int) -> None:
-    """Send through the overlay and check the far end saw exactly these bytes."""
-    sock = await connect(path)
-    with sock:
-        digest = await send_stream(sock, seed, size)
-        answer = await sock.recv(100)
-        assert answer.decode() == digest
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -239,33 +179,6 @@ async def test_peer_certificate_must_name_the_peer(tmp_path: Path, p: Pki, caplo
         await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
         assert any("names hvC, not hvB" in r.getMessage() for r in caplog.records)
         assert counted(ra, "migrelay_connections_total", peer="hvB", channel="migration", result="failed") == 1
-
-
-class BadPeer:
-    """Dials hvB's TLS listener directly, with any certificate, and speaks any bytes."""
-
-    def __init__(self, b: Config, p: Pki) -> None:
-        self.b, self.p = b, p
-
-    async def open(self, cert: str = "hvA", ca_dir: Path | None = None, with_cert: bool = True) -> TlsConn:
-        folder = ca_dir or self.p.dir
-        files = TlsFiles(self.p.dir / "ca.pem", folder / f"{cert}.pem", folder / f"{cert}-key.pem")
-        ctx = client_context(files)
-        if not with_cert:
-            ctx = SSL.Context(SSL.TLS_METHOD)
-            ctx.load_verify_locations(str(self.p.dir / "ca.pem"))
-        addr = self.b.listen[0]
-        sock = trio.socket.socket()
-        await sock.connect((addr.host, addr.port))
-        conn = TlsConn.client(sock, ctx)
-        await conn.handshake()
-        return conn
-
-    async def request(self, conn: TlsConn, data: bytes) -> Reply:
-        await conn.send_all(memoryview(data))
-        reply = await read_header(conn, ReplyReader())
-        assert isinstance(reply, Reply)
-        return reply
 
 
 @pytest.mark.parametrize(
@@ -457,7 +370,7 @@ async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
 
 async def test_check_probe_is_not_a_failure(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
     """`migrelay check` handshakes and hangs up: the peer must not log or count that as a failure."""
-    from relay.check import run_check
+    from relay.tools.check import run_check
 
     caplog.set_level(logging.INFO, logger="migrelay.session")
     a, b = pair_configs(tmp_path, p, "tls")

@@ -10,14 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from relay.control import ControlError, request
-from tests.integration.test_relays import counted, echo_server, eventually, roundtrip, running
-from tests.support import Pki, connect, listen, make_pki, pair_configs
-
-
-@pytest.fixture
-def p(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path)
+from relay.core.errors import ControlError
+from relay.tools.control_client import request
+from tests.integration.conftest import counted, echo_server, eventually, roundtrip, running
+from tests.support import Pki, connect, listen, pair_configs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The TLS fast paths (relay/ossl.py): whole-chunk writes, and pyOpenSSL internals still where expected."""
+"""The TLS fast paths (relay/daemon/tls_fastpath.py): whole-chunk writes, and the internals still there."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from OpenSSL import SSL
 
-from relay import ossl
-from relay.config import TlsFiles
-from relay.tlsconfig import client_context, server_context
+from relay.core.config import TlsFiles
+from relay.daemon import tls_fastpath
+from relay.daemon.tlsconfig import client_context, server_context
 from tests.support import make_pki, pattern
 
 
@@ -42,6 +42,6 @@ def test_one_send_writes_every_record_of_a_chunk(tmp_path: Path) -> None:
 
 
 def test_the_fast_paths_are_in_use() -> None:
-    """If pyOpenSSL moved the internals relay/ossl.py uses, the relay stays correct but slower: say so here."""
-    assert ossl.FAST
-    assert ossl.recv_into.__name__ == "_recv_into_fast"
+    """If pyOpenSSL moved the internals tls_fastpath.py uses, the relay stays correct but slower: say so here."""
+    assert tls_fastpath.calls().fast
+    assert tls_fastpath.probe() is not tls_fastpath.PUBLIC

@@ -7,8 +7,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from relay.admission import Admission, OverLimit
-from relay.config import Limits
+from relay.core.config import Limits
+from relay.daemon.admission import Admission, OverLimit
 
 
 def admission(**limits: int) -> tuple[Admission, Counter]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.config import Address, parse_address
-from relay.errors import ConfigError
+from relay.core import config
+from relay.core.config import Address, parse_address
+from relay.core.errors import ConfigError
 
 FULL = """
 [relay]

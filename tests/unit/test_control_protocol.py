@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.control_protocol import (
+from relay.core.control_protocol import (
     MAX_ERROR_CHARS,
     MAX_NESTING,
     MAX_REQUEST_BYTES,
@@ -30,7 +30,7 @@ from relay.control_protocol import (
     encode_result,
     parse_request,
 )
-from relay.errors import ControlError
+from relay.core.errors import ControlError
 from tests.fuzz.invariants import check_control_reader, chunks
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.errors import LocalError
-from relay.libvirt_helper import MigrateOptions, flags_and_params, one_line
+from relay.core.errors import LocalError
+from relay.tools.migrate import MigrateOptions, flags_and_params, one_line
 
 libvirt = pytest.importorskip("libvirt", reason="the libvirt extra is installed by `make test`")
 

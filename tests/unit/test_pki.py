@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from relay import pki
-from relay.config import TlsFiles
-from relay.errors import PkiError
-from relay.tlsconfig import cert_names, load_identity
+from relay.core.config import TlsFiles
+from relay.core.errors import PkiError
+from relay.daemon.tlsconfig import cert_names, load_identity
+from relay.tools import pki
 
 
 def test_init_and_issue(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.errors import STATUS_FORBIDDEN, STATUS_NAMES, STATUS_OK, ProtocolError
-from relay.protocol import (
+from relay.core.errors import STATUS_FORBIDDEN, STATUS_NAMES, STATUS_OK, ProtocolError
+from relay.core.protocol import (
     MAGIC,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,

@@ -1,0 +1,695 @@
+"""One forwarded connection: dial/accept, TLS, header, policy, target, pump.
+
+Outbound (source host): a client connected to `<socket_dir>/<peer>/<name>`; we dial
+the peer relay, authenticate it, send the Request and wait for its Reply.
+Inbound (destination host): a peer relay connected to one of our listeners; we
+authenticate it, read its Request, apply the destination policy, connect the local
+target and answer. Only then does payload flow, through `datapath.relay`.
+Over TLS, the source moves a long stream onto fresh connections (Continue; see the
+rekeying section at the end and relay/datapath/rekey.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import grp
+import itertools
+import logging
+import os
+import pwd
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import trio
+from OpenSSL import SSL
+
+from relay.core.config import Config, PeerConfig, Transport
+from relay.core.errors import (
+    STATUS_BAD_REQUEST,
+    STATUS_FORBIDDEN,
+    STATUS_NO_TARGET,
+    STATUS_OK,
+    STATUS_OVER_LIMIT,
+    STATUS_UNSUPPORTED_VERSION,
+    NoTarget,
+    PeerUnavailable,
+    ProtocolError,
+    Refused,
+    RemoteError,
+    printable,
+)
+from relay.core.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
+from relay.core.protocol import (
+    Continue,
+    Reply,
+    ReplyReader,
+    Request,
+    RequestReader,
+    UnsupportedVersion,
+    encode_reply,
+    encode_request,
+)
+from relay.daemon import net
+from relay.daemon.admission import Admission, OverLimit, Slot
+from relay.daemon.datapath import (
+    Conn,
+    Meter,
+    PlainConn,
+    RekeyConn,
+    StreamBroken,
+    StreamTruncated,
+    SwitchDeclined,
+    TlsConn,
+    bridge,
+)
+from relay.daemon.guard import Closable, RateLimitedLog, contained
+from relay.daemon.metrics import Metrics
+from relay.daemon.tlsconfig import peer_cert_names, resumed
+
+log = logging.getLogger("migrelay.session")
+
+Result = Literal["ok", "refused", "failed"]
+# A refusal is sent on a best-effort basis: the peer may already be gone.
+REFUSAL_SEND_TIMEOUT_S = 1.0
+
+
+@dataclass
+class Forwarding:
+    """What every forwarded connection of one relay shares."""
+
+    config: Config
+    metrics: Metrics
+    server_tls: SSL.Context | None = None
+    client_tls: SSL.Context | None = None
+    allow_splice: bool = True
+    # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake
+    tls_tickets: dict[str, SSL.Session] = field(default_factory=dict)
+    # Inbound TLS streams a peer may continue on a fresh connection: (peer, stream id) ->
+    # (socket name, stream). Ids start at a random point, so a restarted source does not
+    # reuse the id of a stream we have not yet seen end.
+    live_streams: dict[tuple[str, int], tuple[str, RekeyConn]] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(secrets.randbits(32)))
+    admission: Admission = field(init=False)
+    _socket_gid: int | None = field(init=False)
+    # what anyone who can reach a listener can make the relay log: at most a line a second per kind
+    anyone_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config.limits, self.metrics.refused)
+        # resolved once: an NSS lookup (LDAP, sssd) per stream could stall every stream
+        self._socket_gid = self.config.socket_gid
+
+    def next_stream_id(self) -> int:
+        return next(self._ids)
+
+    def count(self, peer: str, name: str, result: Result) -> None:
+        self.metrics.connections.labels(peer, self.channel_label(peer, name), result).inc()
+
+    def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
+        self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
+
+    def may_listen(self, uid: int) -> bool:
+        """May the owner of a socket in our own overlay folder have put it there?
+
+        Root, this relay's user, or a member of socket_group (the local hypervisor).
+        Anyone else's socket there is not connected for a peer.
+        """
+        if uid in (0, os.geteuid()):
+            return True
+        gid = self._socket_gid
+        return gid is not None and _in_group(uid, gid)
+
+    def channel_label(self, peer: str, name: str) -> str:
+        """Bounded label values: names a peer invents do not create new series."""
+        known = self.config.peers.get(peer)
+        if known is not None and channel_of(name) in known.channels:
+            return metric_channel(name)
+        return "other"
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_group(uid: int, gid: int) -> bool:
+    """Whether user `uid` is in group `gid` (primary or supplementary); one NSS lookup per user."""
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    if user.pw_gid == gid:
+        return True
+    try:
+        return user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+@dataclass
+class Activity:
+    """Streams running through a group of listeners, and when that last changed (trio clock)."""
+
+    active: int = 0
+    since: float = field(default_factory=trio.current_time)
+    bytes: int = 0  # both directions, of the streams that have ended
+
+    def touch(self) -> None:
+        self.since = trio.current_time()
+
+    def idle_for(self) -> float:
+        """Seconds without any stream; 0 while one runs."""
+        return 0.0 if self.active else trio.current_time() - self.since
+
+
+class ClosedBeforeHeader(ProtocolError):
+    """The other side authenticated and hung up without a byte: a probe (`migrelay check`)."""
+
+
+async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Continue | Reply:
+    """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
+    buf = bytearray(max(reader.wanted(), 64))
+    fed = False
+    while True:
+        want = reader.wanted()
+        if want > len(buf):
+            buf = bytearray(want)
+        got = await conn.recv_into(memoryview(buf)[:want])
+        if got == 0 and not fed:
+            raise ClosedBeforeHeader("connection closed before sending a header")
+        if got == 0:
+            raise ProtocolError("connection closed before a complete header")
+        fed = True
+        message = reader.feed(bytes(buf[:got]))
+        if message is not None:
+            return message
+
+
+async def _pump(
+    ctx: Forwarding,
+    peer: str,
+    name: str,
+    local: Conn,
+    remote: Conn,
+    stream: str,
+    slot: Slot,
+    activity: Activity | None = None,
+) -> None:
+    """Run the data path for an established connection, with metrics and one log line at the end.
+
+    The stream's admission slot is released when it ends, however it ends.
+    """
+    with slot, contained("stream", ctx.metrics.internal_errors, local, remote):
+        await _pump_counted(ctx, peer, name, local, remote, stream, activity)
+
+
+async def _pump_counted(
+    ctx: Forwarding,
+    peer: str,
+    name: str,
+    local: Conn,
+    remote: Conn,
+    stream: str,
+    activity: Activity | None,
+) -> None:
+    if activity is not None:
+        activity.active += 1
+    channel = ctx.channel_label(peer, name)
+    counter = ctx.metrics.bytes
+    tx = Meter(counter.labels(peer, channel, "tx").inc)
+    rx = Meter(counter.labels(peer, channel, "rx").inc)
+    active = ctx.metrics.active.labels(peer, channel)
+    active.inc()
+    try:
+        async with trio.open_nursery() as watchdog:
+            if remote.socket.family in (socket.AF_INET, socket.AF_INET6):
+                # a function, not the socket: a rekeyed stream moves to fresh connections
+                watchdog.start_soon(net.watch_acks, lambda: remote.socket, ctx.config.liveness)
+            await bridge(local, remote, tx, rx, allow_splice=ctx.allow_splice)
+            watchdog.cancel_scope.cancel()
+    except* (StreamBroken, OSError) as group:
+        # StreamBroken from the pumps, or the ACK watchdog's OSError (it aborted both ends)
+        why = "; ".join(e.strerror if isinstance(e, OSError) and e.strerror else str(e) for e in group.exceptions)
+        log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, why)
+        ctx.metrics.streams_closed.labels(peer, channel, "failed").inc()
+    else:
+        log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)
+        ctx.metrics.streams_closed.labels(peer, channel, "ok").inc()
+    finally:
+        active.dec()
+        if activity is not None:
+            activity.active -= 1
+            activity.bytes += tx.total + rx.total
+            activity.touch()
+
+
+# --- outbound: source side ----------------------------------------------------------
+
+
+async def open_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int) -> Conn:
+    """Dial `peer`, authenticate it, ask for `name`; return the accepted connection.
+
+    Raises Refused (the peer said no), PeerUnavailable or OSError (could not reach it),
+    ProtocolError (it answered nonsense).
+    """
+    address = peer.address
+    if address is None:
+        raise PeerUnavailable(f"peer {peer.name} has no address configured (it can only dial us)")
+    try:
+        raw = await net.dial(address, ctx.config.liveness)
+    except OSError as e:
+        raise PeerUnavailable(f"cannot reach {peer.name} at {address}: {e.strerror or e}") from None
+    conn: Conn | None = None
+    try:
+        if address.kind == "tls":
+            conn = await _start_tls(ctx, peer, raw)
+        else:
+            conn = PlainConn(raw)
+        await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
+        reply = await read_header(conn, ReplyReader())
+        assert isinstance(reply, Reply)
+        if not reply.ok:
+            raise Refused(reply.status, reply.reason)
+        if isinstance(conn, TlsConn) and (session := conn.ssl.get_session()) is not None:
+            ctx.tls_tickets[peer.name] = session
+        return conn
+    except BaseException:
+        if conn is not None:
+            conn.close()  # a PlainConn also holds a duplicate of the fd
+        else:
+            raw.close()
+        raise
+
+
+async def accept_outbound_loop(
+    ctx: Forwarding,
+    listener: trio.socket.SocketType,
+    peer: PeerConfig,
+    name: str,
+    streams: trio.Nursery,
+    activity: Activity | None = None,
+) -> None:
+    """Accept clients on `<socket_dir>/<peer>/<name>` and forward each to the peer.
+
+    Connections must reach the destination in the order they were accepted: QEMU
+    tells its main migration stream from multifd channels by arrival order. So each
+    downstream connect finishes (acknowledged by the peer) before the next accept.
+    """
+    while True:
+        client = await net.accept(listener)
+        if activity is not None:
+            activity.touch()
+        with contained("overlay-client", ctx.metrics.internal_errors, client):
+            await _forward(ctx, client, peer, name, streams, activity)
+
+
+async def _forward(
+    ctx: Forwarding,
+    client: trio.socket.SocketType,
+    peer: PeerConfig,
+    name: str,
+    streams: trio.Nursery,
+    activity: Activity | None,
+) -> None:
+    """Connect one accepted overlay client to the peer, then hand both ends to a pump task."""
+    try:
+        slot = ctx.admission.stream_slot(peer.name)
+    except OverLimit:
+        ctx.count(peer.name, name, "refused")
+        client.close()
+        return
+    with contextlib.ExitStack() as until_handed_over:
+        until_handed_over.callback(slot.release)
+        stream_id = ctx.next_stream_id()
+        stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
+        try:
+            with trio.fail_after(ctx.config.handshake_timeout_s):
+                remote = await open_outbound(ctx, peer, name, stream_id)
+        except Refused as e:
+            log.warning("%s: refused by %s: %s", stream, peer.name, printable(str(e)))
+            ctx.count(peer.name, name, "refused")
+            client.close()
+            return
+        except (RemoteError, OSError, trio.TooSlowError) as e:
+            reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            log.warning("%s: failed: %s", stream, reason)
+            ctx.count(peer.name, name, "failed")
+            client.close()
+            return
+        try:
+            local = PlainConn(client)
+        except OSError as e:  # no fd left for its duplicate
+            log.warning("%s: failed: %s", stream, e.strerror)
+            ctx.count(peer.name, name, "failed")
+            client.close()
+            remote.abort()
+            return
+        ctx.count(peer.name, name, "ok")
+        log.info("%s: open", stream)
+        remote = _rekeying(ctx, peer, name, stream_id, remote, stream)
+        until_handed_over.pop_all()  # the pump task releases the slot
+        streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, slot, activity)
+
+
+# --- inbound: destination side -------------------------------------------------------
+
+
+def _identify(
+    ctx: Forwarding, kind: Transport, request: Request | Continue, cert_names: frozenset[str]
+) -> PeerConfig:
+    """Which configured peer this is, by the rules of the listener it came in on."""
+    peer = ctx.config.peers.get(request.source)
+    if kind == "tls":
+        if request.source not in cert_names:
+            names = printable(", ".join(sorted(cert_names)))
+            raise Refused(STATUS_FORBIDDEN, f"certificate names {names}, not {request.source}")
+        if peer is None:
+            raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
+    elif peer is None:
+        raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
+    elif kind == "tcp" and not peer.insecure:
+        raise Refused(STATUS_FORBIDDEN, f"{request.source} may not use plaintext tcp (set insecure = true for it)")
+    return peer
+
+
+async def _open_target(ctx: Forwarding, name: str) -> trio.socket.SocketType:
+    """Connect the local end for `name`; Refused if it is not there (the reason names no path)."""
+    if name == LIBVIRT_CHANNEL:
+        assert ctx.config.libvirt is not None
+        path = ctx.config.libvirt  # the operator's choice: connected by path
+        try:
+            return await net.connect_unix(str(path))
+        except OSError as e:
+            detail = f"cannot connect {path}: {e.strerror}"
+            raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", detail) from None
+    try:
+        return await net.connect_beneath(peer_dir(ctx.config.socket_dir, ctx.config.name), name, ctx.may_listen)
+    except NoTarget as e:
+        raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", str(e)) from None
+
+
+async def _accept_request(
+    ctx: Forwarding, raw: trio.socket.SocketType, kind: Transport, who: str, eviction: trio.CancelScope
+) -> tuple[Conn, PeerConfig, Request | Continue]:
+    conn: Conn
+    names: frozenset[str] = frozenset()
+    if kind == "tls":
+        assert ctx.server_tls is not None
+        # a silent or trickling client holds no handshake slot and no OpenSSL state, only
+        # its socket: it waits for its whole ClientHello, for handshake_timeout_s at most
+        await net.first_record(raw)
+        tls = TlsConn.server(raw, ctx.server_tls)
+        conn = tls
+        with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):
+            await tls.handshake()
+        ctx.count_handshake("server", tls)
+        names = peer_cert_names(tls.ssl)
+    else:
+        conn = PlainConn(raw)
+    try:
+        request = await read_header(conn, RequestReader())
+    except ClosedBeforeHeader:
+        raise
+    except UnsupportedVersion as e:
+        raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e))) from None
+    except ProtocolError as e:
+        raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e))) from None
+    assert isinstance(request, Request | Continue)
+    try:
+        peer = _identify(ctx, kind, request, names)
+        # a Continue names a stream this policy admitted already (_continue_inbound)
+        reason = None
+        if isinstance(request, Request):
+            reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
+        if reason is not None:
+            raise Refused(STATUS_FORBIDDEN, reason)
+    except Refused as e:
+        raise _Answerable(conn, e, request) from None
+    return conn, peer, request
+
+
+class _Answerable(Exception):
+    """A refusal we can still tell the peer about (the transport is up)."""
+
+    def __init__(self, conn: Conn, refused: Refused, request: Request | Continue | None = None) -> None:
+        super().__init__(refused.reason)
+        self.conn, self.refused, self.request = conn, refused, request
+
+
+async def handle_inbound(
+    ctx: Forwarding,
+    raw: trio.socket.SocketType,
+    kind: Transport,
+    remote: str,
+    unauthenticated: Slot,
+    eviction: trio.CancelScope,
+) -> None:
+    """Serve one connection from a peer relay, start to end.
+
+    It holds `unauthenticated` until it has authenticated; until then admission may
+    close it to make room (`eviction` is cancelled), which ends it quietly.
+    """
+    with eviction, unauthenticated, contained("peer-connection", ctx.metrics.internal_errors, raw) as owned:
+        await _serve_inbound(ctx, raw, kind, remote, owned, unauthenticated, eviction)
+
+
+async def _serve_inbound(
+    ctx: Forwarding,
+    raw: trio.socket.SocketType,
+    kind: Transport,
+    remote: str,
+    owned: list[Closable],
+    unauthenticated: Slot,
+    eviction: trio.CancelScope,
+) -> None:
+    who = f"{remote} ({kind})"
+    with contextlib.ExitStack() as slots:
+        try:
+            with trio.fail_after(ctx.config.handshake_timeout_s):
+                conn, peer, request = await _accept_request(ctx, raw, kind, who, eviction)
+                unauthenticated.release()
+                if isinstance(request, Continue):  # not a new stream: no stream slot, no target
+                    await _continue_inbound(ctx, conn, peer, request)
+                    return
+                stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
+                try:
+                    slots.enter_context(ctx.admission.stream_slot(peer.name))
+                    target = await _open_target(ctx, request.name)
+                except OverLimit as e:
+                    raise _Answerable(conn, Refused(STATUS_OVER_LIMIT, str(e)), request) from None
+                except Refused as e:
+                    raise _Answerable(conn, e, request) from None
+                owned.append(target)
+                await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
+        except _Answerable as e:
+            what = f"{e.request.source} #{e.request.stream_id} {printable(e.request.name)} from " if e.request else ""
+            peer_label = e.request.source if e.request and e.request.source in ctx.config.peers else "unknown"
+            if peer_label == "unknown":  # anyone can do this (on unix and tcp:// listeners): throttled
+                ctx.anyone_log.warning("refused", "refused %s%s: %s", what, who, e.refused.detail)
+            else:
+                log.warning("refused %s%s: %s", what, who, e.refused.detail)
+            ctx.count(peer_label, e.request.name if e.request else "", "refused")
+            with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
+                try:
+                    await e.conn.send_all(memoryview(encode_reply(Reply(e.refused.status, e.refused.reason))))
+                    await e.conn.send_eof()
+                except (OSError, RemoteError):
+                    pass  # the peer left first; the refusal is logged and counted above
+            e.conn.close()
+            return
+        except ClosedBeforeHeader:
+            ctx.anyone_log.log(logging.INFO, "probe", "%s completed a handshake and closed (a `migrelay check`?)", who)
+            raw.close()
+            return
+        except OverLimit:
+            raw.close()  # before authentication: closed at once, said nothing (admission logged it)
+            return
+        except (RemoteError, OSError, trio.TooSlowError) as e:
+            # mostly before authentication, where anyone can cause it at will: throttled per kind
+            kind_of = "timeout" if isinstance(e, trio.TooSlowError) else type(e).__name__
+            reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            ctx.anyone_log.warning(kind_of, "failed connection from %s: %s", who, reason)
+            ctx.count("unknown", "", "failed")
+            raw.close()
+            for sock in owned[1:]:  # a target connected before the reply could be sent
+                sock.close()
+            return
+        try:
+            local = PlainConn(target)
+        except OSError as e:  # no fd left for its duplicate
+            log.warning("%s: failed: %s", stream, e.strerror)
+            ctx.count(peer.name, request.name, "failed")
+            target.close()
+            conn.abort()
+            return
+        ctx.count(peer.name, request.name, "ok")
+        log.info("%s: open", stream)
+        # the peer's request ended exactly at the header: no payload was read early
+        with _continuable(ctx, peer.name, request, conn, stream) as chain:
+            await _pump(ctx, peer.name, request.name, local, chain, stream, Slot(slots.close))
+
+
+def _address(sock: trio.socket.SocketType, kind: Transport) -> str | None:
+    """The source IP address of a peer connection (None for unix peers, or if it left)."""
+    if kind == "unix":
+        return None
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return None
+
+
+async def accept_inbound_loop(
+    ctx: Forwarding, listener: trio.socket.SocketType, kind: Transport, streams: trio.Nursery
+) -> None:
+    """Accept peer relays on one transport listener; each connection runs on its own."""
+    while True:
+        sock = await net.accept(listener, ctx.config.liveness)
+        address: str | None = None
+        if kind != "unix":
+            try:
+                address = str(sock.getpeername()[0])
+                remote = str(sock.getpeername())
+            except OSError:
+                sock.close()  # it left while in the backlog
+                continue
+        else:
+            remote = "unix peer"
+        eviction = trio.CancelScope()
+        try:
+            unauthenticated = ctx.admission.unauthenticated_slot(address, eviction.cancel)
+        except OverLimit:
+            sock.close()  # at once: nothing is said to whoever has not authenticated
+            continue
+        streams.start_soon(handle_inbound, ctx, sock, kind, remote, unauthenticated, eviction)
+
+
+# --- rekeying: a long TLS stream moves onto a fresh connection (datapath/rekey.py) -------
+
+
+async def _start_tls(ctx: Forwarding, peer: PeerConfig, raw: trio.socket.SocketType) -> TlsConn:
+    """The client handshake with `peer` (resumed if we hold a ticket); its certificate must name it."""
+    assert ctx.client_tls is not None
+    tls = TlsConn.client(raw, ctx.client_tls, ctx.tls_tickets.get(peer.name))
+    tls.ssl.set_tlsext_host_name(peer.name.encode())
+    await tls.handshake()
+    ctx.count_handshake("client", tls)
+    names = peer_cert_names(tls.ssl)
+    if peer.name not in names:
+        named = printable(", ".join(sorted(names))) or "nothing"
+        raise PeerUnavailable(f"certificate at {peer.address} names {named}, not {peer.name}")
+    return tls
+
+
+def _rekeying(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int, conn: Conn, stream: str) -> Conn:
+    """The source side of a stream: over TLS, a fresh connection every [tls] rekey_after_bytes."""
+    if not isinstance(conn, TlsConn):
+        return conn  # unix and tcp peers: no keys to wear out
+
+    async def dial() -> TlsConn:
+        return await continue_outbound(ctx, peer, name, stream_id)
+
+    def count(result: str) -> None:
+        ctx.metrics.tls_rekeys.labels("client", result).inc()
+
+    return RekeyConn(
+        conn,
+        label=stream,
+        switch_timeout_s=ctx.config.handshake_timeout_s,
+        dial=dial,
+        rekey_after_bytes=ctx.config.rekey_after_bytes,
+        count=count,
+    )
+
+
+async def continue_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int) -> TlsConn:
+    """A fresh TLS connection to `peer` that carries our stream `stream_id` from now on.
+
+    Raises SwitchDeclined if the peer certainly did not take it: it could not be asked, or
+    it answered, and not OK. Raises StreamTruncated if it was asked and no answer came
+    back: it may have moved the stream already, so the stream cannot go on either way.
+    """
+    assert peer.address is not None  # we dialled it for this very stream
+    raw: trio.socket.SocketType | None = None
+    asked = False
+    try:
+        with trio.fail_after(ctx.config.handshake_timeout_s):
+            raw = await net.dial(peer.address, ctx.config.liveness)
+            conn = await _start_tls(ctx, peer, raw)
+            await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, name, stream_id))))
+            # a failed send_all left at most part of the request's one record: nothing a peer acts on
+            asked = True
+            reply = await read_header(conn, ReplyReader())
+    except ProtocolError as e:
+        # it closed cleanly, or sent what no migrelay sends, before a whole reply: not an OK
+        if raw is not None:
+            raw.close()
+        raise SwitchDeclined(f"{peer.name} gave no reply: {e}") from None
+    except (RemoteError, OSError, trio.TooSlowError) as e:
+        if raw is not None:
+            raw.close()
+        why = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+        if asked:
+            raise StreamTruncated(f"{peer.name} did not answer the switch to a fresh connection: {why}") from None
+        raise SwitchDeclined(f"no fresh connection to {peer.name}: {why}") from None
+    except BaseException:
+        if raw is not None:
+            raw.close()
+        raise
+    assert isinstance(reply, Reply)
+    if not reply.ok:
+        raw.close()
+        raise SwitchDeclined(f"{peer.name} refused: {printable(reply.reason)}", refused=True)
+    if (session := conn.ssl.get_session()) is not None:
+        ctx.tls_tickets[peer.name] = session
+    return conn
+
+
+@contextlib.contextmanager
+def _continuable(ctx: Forwarding, peer: str, request: Request, conn: Conn, stream: str) -> Iterator[Conn]:
+    """The destination side of a stream: over TLS, its source may move it onto fresh connections."""
+    if not isinstance(conn, TlsConn):
+        yield conn
+        return
+
+    def count(result: str) -> None:
+        ctx.metrics.tls_rekeys.labels("server", result).inc()
+
+    chain = RekeyConn(conn, label=stream, switch_timeout_s=ctx.config.handshake_timeout_s, count=count)
+    key = (peer, request.stream_id)
+    if key in ctx.live_streams:
+        # the source restarted and reused an id (ids start at random: rare) while its old
+        # stream here has not ended yet; only the new one can still be continued
+        log.warning("%s: replaces a live stream with the same id", stream)
+    entry = ctx.live_streams[key] = (request.name, chain)
+    try:
+        yield chain
+    finally:
+        if ctx.live_streams.get(key) is entry:
+            del ctx.live_streams[key]
+
+
+async def _continue_inbound(ctx: Forwarding, conn: Conn, peer: PeerConfig, request: Continue) -> None:
+    """Carry a live stream of `peer` on `conn` from now on, or refuse with a reason.
+
+    Only the peer that opened the stream can name it: streams are keyed by the name its
+    certificate proved (_identify). The reason names no local path.
+    """
+    try:
+        if not isinstance(conn, TlsConn):
+            raise Refused(STATUS_FORBIDDEN, "only a stream over TLS can be continued, and only over TLS")
+        live = ctx.live_streams.get((peer.name, request.stream_id))
+        if live is None or live[0] != request.name:
+            name = printable(request.name)
+            raise Refused(STATUS_NO_TARGET, f"no live stream #{request.stream_id} on {name} from {peer.name}")
+
+        async def answer() -> None:
+            await conn.send_all(memoryview(encode_reply(Reply(STATUS_OK))))
+
+        try:
+            await live[1].adopt(conn, answer)
+        except SwitchDeclined as e:
+            raise Refused(STATUS_NO_TARGET, f"stream #{request.stream_id}: {e}") from None
+    except Refused as e:
+        ctx.metrics.tls_rekeys.labels("server", "refused").inc()
+        raise _Answerable(conn, e, request) from None

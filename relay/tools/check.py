@@ -1,0 +1,103 @@
+"""`migrelay check`: the config, the certificates and every peer, one line per finding."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import trio
+
+from relay.core.config import Config, PeerConfig
+from relay.core.errors import PkiError
+from relay.daemon import net
+from relay.daemon.datapath import TlsConn
+from relay.daemon.forward import Forwarding
+from relay.daemon.metrics import Metrics
+from relay.daemon.tlsconfig import client_context, load_identity, peer_cert_names
+
+EXPIRY_WARNING_DAYS: Final = 30
+PEER_CHECK_TIMEOUT_S: Final = 5.0
+
+Level = Literal["ok", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.text}"
+
+
+def check_certificates(config: Config, now: dt.datetime | None = None) -> list[Finding]:
+    if config.tls is None:
+        return [Finding("ok", "no TLS transport configured; [tls] not needed")]
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        identity = load_identity(config.tls, now=now)
+    except PkiError as e:
+        return [Finding("error", str(e))]
+    findings = [
+        Finding(
+            "ok",
+            f"[tls] cert {config.tls.cert} names {', '.join(sorted(identity.names))}, "
+            f"valid until {identity.not_after:%Y-%m-%d}, key matches, issued by [tls] ca",
+        )
+    ]
+    if config.name not in identity.names:
+        findings.append(Finding("error", f"[tls] cert does not name this relay ({config.name}); peers will refuse it"))
+    if identity.not_after - now < dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        findings.append(Finding("warning", f"[tls] cert expires in less than {EXPIRY_WARNING_DAYS} days"))
+    return findings
+
+
+async def check_peer(ctx: Forwarding, peer: PeerConfig) -> Finding:
+    """Reach the peer and, for TLS, complete a handshake and check the name; send no request."""
+    if peer.address is None:
+        return Finding("ok", f"peer {peer.name}: no address (accepts only), channels {', '.join(peer.channels)}")
+    try:
+        with trio.fail_after(PEER_CHECK_TIMEOUT_S):
+            sock = await net.dial(peer.address)
+            try:
+                if peer.address.kind != "tls":
+                    kind = peer.address.kind
+                    return Finding("ok", f"peer {peer.name} at {peer.address}: reachable ({kind}, no TLS)")
+                assert ctx.client_tls is not None
+                tls = TlsConn.client(sock, ctx.client_tls)
+                tls.ssl.set_tlsext_host_name(peer.name.encode())
+                await tls.handshake()
+                names = peer_cert_names(tls.ssl)
+                version = tls.ssl.get_protocol_version_name()
+                await tls.send_eof()  # a clean goodbye: the peer logs a probe, not a failure
+            finally:
+                sock.close()
+    except trio.TooSlowError:
+        return Finding("error", f"peer {peer.name} at {peer.address}: no answer within {PEER_CHECK_TIMEOUT_S:.0f}s")
+    except OSError as e:
+        return Finding("error", f"peer {peer.name} at {peer.address}: {e.strerror or e}")
+    except Exception as e:  # every failure is a finding here, never a crash of `check`
+        return Finding("error", f"peer {peer.name} at {peer.address}: {e}")
+    if peer.name not in names:
+        return Finding("error", f"peer {peer.name} at {peer.address}: certificate names {', '.join(sorted(names))}")
+    return Finding("ok", f"peer {peer.name} at {peer.address}: {version} mutual auth ok, certificate names {peer.name}")
+
+
+async def run_check(config: Config) -> list[Finding]:
+    where = config.source or "(inline)"
+    findings = [Finding("ok", f"config {where}: relay {config.name}, {len(config.peers)} peer(s)")]
+    findings += check_certificates(config)
+    if any(f.level == "error" for f in findings):
+        return findings
+    ctx = Forwarding(config, metrics=Metrics())
+    if config.tls is not None:
+        ctx.client_tls = client_context(config.tls)
+    for peer in config.peers.values():
+        findings.append(await check_peer(ctx, peer))
+    return findings
+
+
+def check(config: Config) -> list[Finding]:
+    """`migrelay check`: every finding for this config, in order."""
+    return trio.run(run_check, config)
