@@ -7,12 +7,15 @@ import hashlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from relay.core import config
+from relay.core.config import Transport
+from relay.core.overlay import DEFAULT_CHANNELS
 from relay.daemon.net import free_port
-from relay.tools import pki
+from relay.tools import loopback, pki
 
 CHUNK = 1 << 20
 
@@ -21,10 +24,6 @@ CHUNK = 1 << 20
 class Pki:
     dir: Path
     other_ca: Path  # a second CA whose certificates our relays must refuse
-
-    def files(self, name: str, folder: Path | None = None) -> str:
-        d = folder or self.dir
-        return f'[tls]\nca = "{self.dir}/ca.pem"\ncert = "{d}/{name}.pem"\nkey = "{d}/{name}-key.pem"\n'
 
 
 def make_pki(root: Path) -> Pki:
@@ -38,37 +37,22 @@ def make_pki(root: Path) -> Pki:
     return Pki(d, other)
 
 
+# Short enough that a test waiting on them is quick, long enough for a loaded machine.
+TEST_TIMEOUTS = {"handshake_timeout_s": 3.0, "drain_timeout_s": 2.0}
+
+
 def pair_configs(
     root: Path,
     p: Pki,
-    transport: str = "tls",
-    channels: tuple[str, ...] = ("libvirt.sock", "migration.sock", "nbd.sock"),
+    transport: Transport = "tls",
+    channels: tuple[str, ...] = DEFAULT_CHANNELS,
     libvirt: Path | None = None,
-    a_cert: str | None = None,
+    **both: Any,
 ) -> tuple[config.Config, config.Config]:
-    """hvA dials, hvB listens; each relay's socket_dir is root/<name>."""
-    if transport == "tls":
-        address = f"127.0.0.1:{free_port()}"
-    elif transport == "tcp":
-        address = f"tcp://127.0.0.1:{free_port()}"
-    else:
-        address = f"unix:{root}/hvB-peer.sock"
-    insecure = "insecure = true\n" if transport == "tcp" else ""
-    chans = "[" + ", ".join(f'"{c}"' for c in channels) + "]"
-    timeouts = "handshake_timeout_s = 3\ndrain_timeout_s = 2\n"
-    a = (
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{timeouts}{p.files("hvA") if a_cert is None else a_cert}\n'
-        f'[peers.hvB]\naddress = "{address}"\nchannels = {chans}\n{insecure}'
-    )
-    lv = f'libvirt = "{libvirt}"\n' if libvirt else ""
-    b = (
-        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{address}"]\n{lv}'
-        f"{timeouts}{p.files('hvB')}\n"
-        f"[peers.hvA]\nchannels = {chans}\n{insecure}"
-    )
-    (root / "hvA.toml").write_text(a)
-    (root / "hvB.toml").write_text(b)
-    return config.load(root / "hvA.toml"), config.load(root / "hvB.toml")
+    """hvA dials, hvB listens (relay/tools/loopback.py), written to root/hvA.toml and root/hvB.toml."""
+    options = {**TEST_TIMEOUTS, **both}
+    a, b = loopback.write_pair(root, p.dir, transport, channels=channels, libvirt=libvirt, **options)
+    return config.load(a), config.load(b)
 
 
 async def connect(path: Path | str) -> trio.socket.SocketType:
@@ -154,7 +138,7 @@ def metric_total(samples: Samples, name: str, **labels: str) -> float:
 def add_metrics(config_path: Path) -> int:
     """Give a written config a [metrics] listener on a free port; return the port."""
     port = free_port()
-    config_path.write_text(config_path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    loopback.with_changes(config_path, metrics_listen=config.HostPort("127.0.0.1", port))
     return port
 
 

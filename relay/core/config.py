@@ -68,6 +68,29 @@ class Address:
         return f"{prefix}{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP endpoint with no transport of its own to choose (the /metrics listener)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, key: str) -> HostPort:
+    """`HOST:PORT` or `[V6]:PORT`; `key` names the config key in errors."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: {text!r}: port must be 1-65535")
+    return HostPort(host, int(port_text))
+
+
 def parse_address(text: str, key: str, base: Path | None = None) -> Address:
     """Parse one transport address; `key` names the config key in errors."""
     if text.startswith("unix:"):
@@ -75,20 +98,13 @@ def parse_address(text: str, key: str, base: Path | None = None) -> Address:
         if not path:
             raise ConfigError(f"{key}: {text!r} has an empty unix socket path")
         return Address("unix", path=str(_resolve(path, base)))
-    kind: Transport = "tls"
-    rest = text
     if text.startswith("tcp://"):
-        kind, rest = "tcp", text[len("tcp://") :]
-    elif "://" in text:
+        endpoint = parse_host_port(text[len("tcp://") :], key)
+        return Address("tcp", host=endpoint.host, port=endpoint.port)
+    if "://" in text:
         raise ConfigError(f"{key}: {text!r}: unknown scheme (use HOST:PORT, unix:PATH or tcp://HOST:PORT)")
-    host, sep, port_text = rest.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{key}: {text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"{key}: {text!r}: port must be 1-65535")
-    return Address(kind, host=host, port=int(port_text))
+    endpoint = parse_host_port(text, key)
+    return Address("tls", host=endpoint.host, port=endpoint.port)
 
 
 @dataclass(frozen=True)
@@ -166,7 +182,7 @@ class Config:
     liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_ack_timeout_s
     tls: TlsFiles | None = None
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES  # [tls]; only the TLS transport uses it
-    metrics_listen: Address | None = None
+    metrics_listen: HostPort | None = None
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     source: Path | None = None
@@ -372,9 +388,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         section = _Section(metrics_table, "metrics")
         text = section.string("listen")
         if text is not None:
-            metrics_listen = parse_address(text, "[metrics] listen", base)
-            if metrics_listen.kind != "tls":  # i.e. plain HOST:PORT
-                raise ConfigError("[metrics] listen: expected HOST:PORT (served as plain HTTP)")
+            metrics_listen = parse_host_port(text, "[metrics] listen (plain HTTP)")
         section.done()
 
     limits = Limits()

@@ -146,7 +146,7 @@ def _text(raw: bytes, what: str) -> str:
 T = TypeVar("T")
 
 
-class _Reader(Generic[T]):
+class HeaderReader(Generic[T]):
     """Accumulates bytes until one whole header is in; never buffers past its bound."""
 
     _fixed: struct.Struct
@@ -197,7 +197,7 @@ class _Reader(Generic[T]):
         raise NotImplementedError
 
 
-class RequestReader(_Reader[Request | Continue]):
+class RequestReader(HeaderReader[Request | Continue]):
     """What a dialling relay sends first: a Request for a new stream, or a Continue."""
 
     _fixed = REQUEST_FIXED
@@ -223,7 +223,7 @@ class RequestReader(_Reader[Request | Continue]):
         return (Continue if kind == TYPE_CONTINUE else Request)(source, name, stream_id)
 
 
-class ReplyReader(_Reader[Reply]):
+class ReplyReader(HeaderReader[Reply]):
     _fixed = REPLY_FIXED
     _types = (TYPE_REPLY,)
 

@@ -162,22 +162,7 @@ class Control:
 
     def status(self) -> dict[str, Any]:
         cfg = self.ctx.config
-        totals: dict[str, dict[str, float]] = {}
-        for family in self.ctx.metrics.registry.collect():
-            for sample in family.samples:
-                peer = sample.labels.get("peer")
-                if peer is None:
-                    continue
-                entry = totals.setdefault(peer, {})
-                if sample.name == "migrelay_bytes_total":
-                    key = f"bytes_{sample.labels['direction']}"
-                elif sample.name == "migrelay_connections_total":
-                    key = f"connections_{sample.labels['result']}"
-                elif sample.name == "migrelay_active_streams":
-                    key = "active_streams"
-                else:
-                    continue
-                entry[key] = entry.get(key, 0) + sample.value
+        totals = self.ctx.metrics.peer_totals()
         return {
             "relay": cfg.name,
             "uptime_s": round(time.time() - self.started, 1),
@@ -187,7 +172,7 @@ class Control:
                 p.name: {
                     "address": str(p.address) if p.address else None,
                     "channels": list(p.channels),
-                    **{k: int(v) for k, v in totals.get(p.name, {}).items()},
+                    **totals.get(p.name, {}),
                 }
                 for p in cfg.peers.values()
             },

@@ -22,7 +22,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import trio
 from OpenSSL import SSL
@@ -45,6 +45,7 @@ from relay.core.errors import (
 from relay.core.overlay import LIBVIRT_CHANNEL, channel_of, metric_channel, peer_dir, refusal
 from relay.core.protocol import (
     Continue,
+    HeaderReader,
     Reply,
     ReplyReader,
     Request,
@@ -70,7 +71,8 @@ from relay.daemon.guard import Closable, RateLimitedLog, contained
 from relay.daemon.metrics import Metrics
 from relay.daemon.tlsconfig import peer_cert_names, resumed
 
-log = logging.getLogger("migrelay.session")
+log = logging.getLogger("migrelay.forward")
+T = TypeVar("T")
 
 Result = Literal["ok", "refused", "failed"]
 # A refusal is sent on a best-effort basis: the peer may already be gone.
@@ -166,7 +168,7 @@ class ClosedBeforeHeader(ProtocolError):
     """The other side authenticated and hung up without a byte: a probe (`migrelay check`)."""
 
 
-async def read_header(conn: Conn, reader: RequestReader | ReplyReader) -> Request | Continue | Reply:
+async def read_header(conn: Conn, reader: HeaderReader[T]) -> T:
     """Read exactly one header: never more bytes than it needs, so no payload is consumed."""
     buf = bytearray(max(reader.wanted(), 64))
     fed = False
@@ -267,7 +269,6 @@ async def open_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id:
             conn = PlainConn(raw)
         await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
         reply = await read_header(conn, ReplyReader())
-        assert isinstance(reply, Reply)
         if not reply.ok:
             raise Refused(reply.status, reply.reason)
         if isinstance(conn, TlsConn) and (session := conn.ssl.get_session()) is not None:
@@ -414,7 +415,6 @@ async def _accept_request(
         raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e))) from None
     except ProtocolError as e:
         raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e))) from None
-    assert isinstance(request, Request | Continue)
     try:
         peer = _identify(ctx, kind, request, names)
         # a Continue names a stream this policy admitted already (_continue_inbound)

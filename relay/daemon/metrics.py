@@ -14,7 +14,7 @@ from typing import Final
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from relay.core.config import Address
+from relay.core.config import HostPort
 from relay.daemon.guard import contained
 
 log = logging.getLogger("migrelay.metrics")
@@ -83,12 +83,32 @@ class Metrics:
             registry=self.registry,
         )
 
+    def peer_totals(self) -> dict[str, dict[str, int]]:
+        """Per peer, summed over channels: bytes_tx/rx, connections_ok/refused/failed, active_streams."""
+        families = {
+            "migrelay_bytes_total": ("bytes", "direction"),
+            "migrelay_connections_total": ("connections", "result"),
+            "migrelay_active_streams": ("active_streams", None),
+        }
+        totals: dict[str, dict[str, int]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                known = families.get(sample.name)
+                peer = sample.labels.get("peer")
+                if known is None or peer is None:
+                    continue
+                prefix, by = known
+                key = f"{prefix}_{sample.labels[by]}" if by else prefix
+                entry = totals.setdefault(peer, {})
+                entry[key] = entry.get(key, 0) + int(sample.value)
+        return totals
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 async def serve_metrics(
-    address: Address, metrics: Metrics, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    address: HostPort, metrics: Metrics, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """A minimal HTTP/1.1 endpoint: GET /metrics (or /) -> the text exposition."""
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)

@@ -20,9 +20,9 @@ from typing import Final, TextIO
 
 import trio
 
+from relay.core.config import Transport
 from relay.core.errors import LocalError
-from relay.daemon.net import free_port
-from relay.tools import pki
+from relay.tools import loopback, pki
 
 CHUNK_BYTES: Final = 1 << 20
 POOL_BYTES: Final = 32 << 20
@@ -45,37 +45,6 @@ class DemoResult:
     @property
     def mb_per_s(self) -> float:
         return self.bytes_received / self.seconds / 1e6 if self.seconds else 0.0
-
-
-def write_pair_configs(
-    root: Path, pki_dir: Path, transport: str = "tls", channel: str = "demo.sock"
-) -> tuple[Path, Path]:
-    """Configs for two relays on loopback under root: hvA dials, hvB listens; one channel.
-
-    Each relay's socket_dir is root/<name>; clients connect to root/hvA/hvB/<channel>
-    and hvB connects them to root/hvB/hvB/<channel>. pki_dir holds hvA's and hvB's certificates.
-    """
-    listen = {
-        "tls": f"127.0.0.1:{free_port()}",
-        "tcp": f"tcp://127.0.0.1:{free_port()}",
-        "unix": f"unix:{root}/hvB-peer.sock",
-    }[transport]
-    insecure = "insecure = true\n" if transport == "tcp" else ""
-
-    def tls(name: str) -> str:
-        return f'[tls]\nca = "{pki_dir}/ca.pem"\ncert = "{pki_dir}/{name}.pem"\nkey = "{pki_dir}/{name}-key.pem"\n'
-
-    a = root / "hvA.toml"
-    a.write_text(
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\nlisten = []\n\n{tls("hvA")}\n'
-        f'[peers.hvB]\naddress = "{listen}"\nchannels = ["{channel}"]\n{insecure}'
-    )
-    b = root / "hvB.toml"
-    b.write_text(
-        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{listen}"]\n\n{tls("hvB")}\n'
-        f'[peers.hvA]\nchannels = ["{channel}"]\n{insecure}'
-    )
-    return a, b
 
 
 async def _wait_ready(notify: trio.socket.SocketType, count: int, procs: list[trio.Process]) -> None:
@@ -135,14 +104,14 @@ async def _show_progress(progress: list[int], size: int, start: float, out: Text
         out.flush()
 
 
-async def run_demo(size: int, out: TextIO = sys.stdout, transport: str = "tls") -> DemoResult:
+async def run_demo(size: int, out: TextIO = sys.stdout, transport: Transport = "tls") -> DemoResult:
     with tempfile.TemporaryDirectory(prefix="migrelay-demo-") as tmp:
         root = Path(tmp)
         pki_dir = root / "pki"
         pki.init_ca(pki_dir)
         for name in ("hvA", "hvB"):
             pki.issue(pki_dir, name)
-        a_conf, b_conf = write_pair_configs(root, pki_dir, transport)
+        a_conf, b_conf = loopback.write_pair(root, pki_dir, transport, channels=("demo.sock",))
         out.write(f"migrelay demo: fresh CA and certificates in {root}/pki; relays hvA -> hvB over {transport}\n")
         notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         await notify.bind(str(root / "notify.sock"))
@@ -188,6 +157,6 @@ async def run_demo(size: int, out: TextIO = sys.stdout, transport: str = "tls") 
     return result
 
 
-def demo(size: int, out: TextIO = sys.stdout, transport: str = "tls") -> DemoResult:
+def demo(size: int, out: TextIO = sys.stdout, transport: Transport = "tls") -> DemoResult:
     """`migrelay demo`: run it to the end, with live progress on `out`."""
     return trio.run(run_demo, size, out, transport)

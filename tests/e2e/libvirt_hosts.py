@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.core.config import Address, Config, HostPort, PeerConfig
+from relay.tools import loopback
 from tests.support import scrape
 
 SOCKET_DIR = "/run/migrelay"
@@ -224,15 +226,17 @@ def overlay_uris(peer: str, migration: str = "migration.sock", nbd: str = "nbd.s
 
 
 def relay_config(root: Path, name: str, peer: str, pki_dir: Path, port: int, peer_port: int, metrics: int) -> Path:
-    path = root / f"{name}-relay.toml"
-    path.write_text(
-        f'[relay]\nname = "{name}"\nsocket_dir = "{SOCKET_DIR}"\nlisten = ["127.0.0.1:{port}"]\n'
-        f'libvirt = "{LIBVIRT_SOCK}"\n\n'
-        f'[tls]\nca = "{pki_dir}/ca.pem"\ncert = "{pki_dir}/{name}.pem"\nkey = "{pki_dir}/{name}-key.pem"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[peers.{peer}]\naddress = "127.0.0.1:{peer_port}"\n'
+    """A relay of one libvirt host: the overlay at the hosts' common SOCKET_DIR, TLS to the peer's port."""
+    cfg = Config(
+        name=name,
+        socket_dir=Path(SOCKET_DIR),
+        listen=(Address("tls", host="127.0.0.1", port=port),),
+        libvirt=Path(LIBVIRT_SOCK),
+        tls=loopback.tls_files(pki_dir, name),
+        metrics_listen=HostPort("127.0.0.1", metrics),
+        peers={peer: PeerConfig(peer, Address("tls", host="127.0.0.1", port=peer_port))},
     )
-    return path
+    return loopback.write(cfg, root / f"{name}-relay.toml")
 
 
 DISK_MIB = 64

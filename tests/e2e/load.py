@@ -32,11 +32,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-from relay.daemon.net import free_port
+from relay.tools import loopback
 from tests.support import Pki, connect, listen
 
 HEADER: Final = struct.Struct("!4sBB2xQQQQ")
@@ -580,32 +580,31 @@ class PairFiles:
     target_dir: Path  # <B>/hvB: where hvB connects forwarded names
 
 
-def write_pair(root: Path, p: Pki, peer_host: str = "127.0.0.1", relay_keys: str = "") -> PairFiles:
-    """hvA dials hvB over TLS at peer_host, where hvB listens. hvA forwards every name in FORWARDED
-    and REFUSED; hvB allows all but secret.sock. Product defaults for the timeouts, except a short
-    drain so tests end quickly; `relay_keys` (TOML lines) go into both [relay] tables after it."""
-    port, metrics_a, metrics_b = free_port(), free_port(), free_port()
-    a_names = [*FORWARDED, *REFUSED]
-    b_names = [n for n in a_names if n != "secret.sock"]
-
-    def names(ns: list[str]) -> str:
-        return "[" + ", ".join(f'"{n}"' for n in ns) + "]"
-
-    a = root / "hvA.toml"
-    a.write_text(
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\ndrain_timeout_s = 2\n{relay_keys}{p.files("hvA")}\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics_a}"\n\n'
-        f'[peers.hvB]\naddress = "{peer_host}:{port}"\nchannels = {names(a_names)}\n'
+def write_pair(root: Path, p: Pki, peer_host: str = "127.0.0.1", **both: Any) -> PairFiles:
+    """hvA dials hvB over TLS at peer_host, where hvB listens (relay/tools/loopback.py). hvA forwards
+    every name in FORWARDED and REFUSED; hvB allows all but secret.sock. Product defaults for the
+    timeouts, except a short drain so tests end quickly; `both` sets other Config fields on both."""
+    a_names = (*FORWARDED, *REFUSED)
+    a, b = loopback.pair(
+        root,
+        p.dir,
+        channels=a_names,
+        b_channels=tuple(n for n in a_names if n != "secret.sock"),
+        host=peer_host,
+        metrics=True,
+        **{"drain_timeout_s": 2.0, **both},
     )
-    b = root / "hvB.toml"
-    b.write_text(
-        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{peer_host}:{port}"]\ndrain_timeout_s = 2\n'
-        f'{relay_keys}{p.files("hvB")}\n[metrics]\nlisten = "127.0.0.1:{metrics_b}"\n\n'
-        f"[peers.hvA]\nchannels = {names(b_names)}\n"
-    )
+    assert a.metrics_listen is not None and b.metrics_listen is not None
     target_dir = root / "hvB" / "hvB"
     target_dir.mkdir(parents=True, exist_ok=True)
-    return PairFiles(a, b, metrics_a, metrics_b, root / "hvA" / "hvB", target_dir)
+    return PairFiles(
+        loopback.write(a, root / "hvA.toml"),
+        loopback.write(b, root / "hvB.toml"),
+        a.metrics_listen.port,
+        b.metrics_listen.port,
+        root / "hvA" / "hvB",
+        target_dir,
+    )
 
 
 # --- a relay process from outside ----------------------------------------------------

@@ -28,6 +28,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.core.config import Liveness
+from relay.tools import loopback
 from tests import netns
 from tests.e2e.procs import ServeProcess, need, serve
 from tests.support import Pki, connect, listen, make_pki, recv_stream, send_stream
@@ -60,13 +62,8 @@ class Case:
             return self.ack_timeout_s * 1.5
         return self.keepalive_idle_s + self.keepalive_interval_s * self.keepalive_count
 
-    def relay_keys(self) -> str:
-        return (
-            f"tcp_keepalive_idle_s = {self.keepalive_idle_s}\n"
-            f"tcp_keepalive_interval_s = {self.keepalive_interval_s}\n"
-            f"tcp_keepalive_count = {self.keepalive_count}\n"
-            f"tcp_ack_timeout_s = {self.ack_timeout_s}\n"
-        )
+    def liveness(self) -> Liveness:
+        return Liveness(self.keepalive_idle_s, self.keepalive_interval_s, self.keepalive_count, self.ack_timeout_s)
 
 
 CASES = [
@@ -84,20 +81,19 @@ CASES = [
 
 def write_configs(root: Path, p: Pki, link: netns.Link, case: Case) -> tuple[Path, Path]:
     """hvA (host a) dials hvB (host b) over TLS on the veth; each serves /metrics on its own loopback."""
-    common = f"handshake_timeout_s = 3\ndrain_timeout_s = 2\n{case.relay_keys()}"
-    metrics = f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
-    rekey = f"rekey_after_bytes = {case.rekey_after_bytes}\n" if case.rekey_after_bytes else ""  # in [tls]
-    a = (
-        f'[relay]\nname = "hvA"\nsocket_dir = "{root}/hvA"\n{common}\n{p.files("hvA")}{rekey}\n{metrics}\n'
-        f'[peers.hvB]\naddress = "{link.b.address}:{PEER_PORT}"\nchannels = ["migration.sock"]\n'
+    rekey = {"rekey_after_bytes": case.rekey_after_bytes} if case.rekey_after_bytes else {}
+    return loopback.write_pair(
+        root,
+        p.dir,
+        channels=("migration.sock",),
+        host=link.b.address,
+        port=PEER_PORT,
+        metrics=METRICS_PORT,
+        handshake_timeout_s=3.0,
+        drain_timeout_s=2.0,
+        liveness=case.liveness(),
+        **rekey,
     )
-    b = (
-        f'[relay]\nname = "hvB"\nsocket_dir = "{root}/hvB"\nlisten = ["{link.b.address}:{PEER_PORT}"]\n{common}\n'
-        f'{p.files("hvB")}\n{metrics}\n[peers.hvA]\nchannels = ["migration.sock"]\n'
-    )
-    (root / "hvA.toml").write_text(a)
-    (root / "hvB.toml").write_text(b)
-    return root / "hvA.toml", root / "hvB.toml"
 
 
 def fd_count(pid: int) -> int:

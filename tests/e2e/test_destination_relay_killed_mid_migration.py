@@ -15,8 +15,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from relay.tools.qemu import UNCAPPED_BYTES_PER_S, Qemu
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, serve, sha256
+from tests.e2e.procs import need, precopy, serve, sha256
 
 SLOW_BYTES_PER_S = 2 << 20  # 64 MiB at 2 MiB/s: still running when the relay is killed
 FAIL_WITHIN_S = 5.0

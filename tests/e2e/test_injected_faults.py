@@ -124,17 +124,6 @@ while True:
 """
 
 
-def relay_keys() -> str:
-    """The [relay] lines both relays get on top of write_pair's."""
-    return (
-        f"handshake_timeout_s = {HANDSHAKE_TIMEOUT_S}\n"
-        f"tcp_keepalive_idle_s = {LIVENESS.keepalive_idle_s}\n"
-        f"tcp_keepalive_interval_s = {LIVENESS.keepalive_interval_s}\n"
-        f"tcp_keepalive_count = {LIVENESS.keepalive_count}\n"
-        f"tcp_ack_timeout_s = {LIVENESS.ack_timeout_s}\n"
-    )
-
-
 @dataclass
 class Pair:
     files: PairFiles
@@ -506,7 +495,13 @@ def test_injected_faults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     started = time.monotonic()
     # the stack is left first: every relay is gone before the namespaces are deleted
     with netns.veth_pair() as link, ExitStack() as stack:
-        files = write_pair(tmp_path, make_pki(tmp_path), peer_host=link.b.address, relay_keys=relay_keys())
+        files = write_pair(
+            tmp_path,
+            make_pki(tmp_path),
+            peer_host=link.b.address,
+            handshake_timeout_s=HANDSHAKE_TIMEOUT_S,
+            liveness=LIVENESS,
+        )
         pair = Pair(files, link, stack)
         pair.start("hvA")
         pair.start("hvB")

@@ -17,6 +17,7 @@ from typing import Final
 
 import trio
 
+from relay.core.config import Liveness
 from tests.e2e.procs import serve
 from tests.support import connect, listen, make_pki, pair_configs, recv_stream, send_stream
 
@@ -29,12 +30,7 @@ TIMEOUT_S: Final = 60.0
 
 
 def test_paused_reader_keeps_its_stream(tmp_path: Path) -> None:
-    pair_configs(tmp_path, make_pki(tmp_path), "tls")
-    for name in ("hvA", "hvB"):
-        config = tmp_path / f"{name}.toml"
-        config.write_text(
-            config.read_text().replace("[relay]\n", f"[relay]\ntcp_ack_timeout_s = {ACK_TIMEOUT_S}\n", 1)
-        )
+    pair_configs(tmp_path, make_pki(tmp_path), "tls", liveness=Liveness(ack_timeout_s=ACK_TIMEOUT_S))
     result: dict[str, object] = {}
 
     async def exchange() -> None:

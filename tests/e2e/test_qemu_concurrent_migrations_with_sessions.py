@@ -13,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from relay.tools.qemu import UNCAPPED_BYTES_PER_S, Qemu
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, Qemu, need, precopy, running, sha256, vm_pair
+from tests.e2e.procs import need, precopy, running, sha256, vm_pair
 
 
 def open_session(hosts: Hosts) -> dict[str, str]:

@@ -13,8 +13,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from relay.tools.qemu import UNCAPPED_BYTES_PER_S
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, need, running, sha256, vm_pair
+from tests.e2e.procs import need, running, sha256, vm_pair
 
 DISK_MIB = 32
 

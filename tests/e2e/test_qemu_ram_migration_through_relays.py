@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from relay.tools.qemu import UNCAPPED_BYTES_PER_S
 from tests.e2e.conftest import Hosts
-from tests.e2e.procs import UNCAPPED_BYTES_PER_S, need, precopy, running, sha256, vm_pair
+from tests.e2e.procs import need, precopy, running, sha256, vm_pair
 
 
 def test_qemu_ram_migration_through_relays(hosts: Hosts, ram_dir: Path) -> None:

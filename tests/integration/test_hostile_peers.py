@@ -115,7 +115,7 @@ async def test_a_server_certificate_cryptography_cannot_read_fails_only_that_dia
     assert "cannot be read" in caplog.text or "unreadable: 5 is not a valid X509 version" in caplog.text
 
 
-FORGED = "x\nmigrelay ERROR migrelay.session: forged line \x1b[31m\u202e"
+FORGED = "x\nmigrelay ERROR migrelay.forward: forged line \x1b[31m\u202e"
 
 
 async def test_a_socket_name_cannot_forge_log_lines(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:

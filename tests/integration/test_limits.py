@@ -19,10 +19,12 @@ import trio
 from OpenSSL import SSL
 
 from relay.core import config
+from relay.core.config import Limits
 from relay.core.errors import STATUS_OVER_LIMIT
 from relay.core.protocol import Request, encode_request
 from relay.daemon.admission import Admission
 from relay.daemon.server import Daemon
+from relay.tools import loopback
 from tests.integration.conftest import BadPeer, counted, echo_server, eventually, roundtrip, running
 from tests.support import Pki, connect, listen, make_pki, pair_configs
 
@@ -31,7 +33,7 @@ ATTACKER = "127.0.0.2"  # loopback is a /8: the attacker gets an address of its 
 
 def limited(tmp_path: Path, name: str, **limits: int) -> config.Config:
     path = tmp_path / f"{name}.toml"
-    path.write_text(path.read_text() + "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+    loopback.with_changes(path, limits=Limits(**limits))
     return config.load(path)
 
 

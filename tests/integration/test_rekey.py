@@ -32,12 +32,7 @@ REKEY_BYTES = 1 << 20
 
 def rekeying_pair(root: Path, p: Pki, rekey_after_bytes: int = REKEY_BYTES) -> tuple[Config, Config]:
     """pair_configs over TLS, both relays with a tiny [tls] rekey_after_bytes."""
-    pair_configs(root, p, "tls")
-    for name in ("hvA", "hvB"):
-        path = root / f"{name}.toml"
-        key_line = f'key = "{p.dir}/{name}-key.pem"\n'
-        path.write_text(path.read_text().replace(key_line, f"{key_line}rekey_after_bytes = {rekey_after_bytes}\n"))
-    return config.load(root / "hvA.toml"), config.load(root / "hvB.toml")
+    return pair_configs(root, p, "tls", rekey_after_bytes=rekey_after_bytes)
 
 
 def live_stream_id(caplog: pytest.LogCaptureFixture) -> int:
@@ -148,7 +143,7 @@ async def test_requests_to_continue_another_stream_are_refused(
 ) -> None:
     """Only the peer that opened a stream can move it, and only a stream that is live; the reasons
     name no local path, and the stream in flight does not notice."""
-    caplog.set_level("INFO", logger="migrelay.session")
+    caplog.set_level("INFO", logger="migrelay.forward")
     _, b = rekeying_pair(tmp_path, p)
     (tmp_path / "hvB.toml").write_text((tmp_path / "hvB.toml").read_text() + "\n[peers.hvC]\n")
     b = config.load(tmp_path / "hvB.toml")
@@ -184,7 +179,7 @@ async def test_requests_to_continue_another_stream_are_refused(
 
 async def test_continue_over_plaintext_is_refused(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
     """A peer allowed plaintext tcp is not authenticated there: it must not take over its TLS stream."""
-    caplog.set_level("INFO", logger="migrelay.session")
+    caplog.set_level("INFO", logger="migrelay.forward")
     a, b = rekeying_pair(tmp_path, p)
     port, tcp_port = b.listen[0].port, free_port()
     b_text = (tmp_path / "hvB.toml").read_text()

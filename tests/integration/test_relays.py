@@ -6,6 +6,7 @@ the "destination hypervisor" (this test) listens.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import grp
 import hashlib
@@ -19,10 +20,12 @@ import pytest
 import trio
 
 from relay.core import config
+from relay.core.config import PeerConfig
 from relay.core.errors import RemoteError
+from relay.core.overlay import DEFAULT_CHANNELS
 from relay.core.protocol import REQUEST_FIXED, ReplyReader, Request, encode_request
 from relay.daemon.net import free_port
-from relay.tools import pki
+from relay.tools import loopback, pki
 from tests.integration.conftest import BadPeer, counted, echo_server, eventually, roundtrip, running
 from tests.support import Pki, connect, listen, pair_configs, recv_stream, send_stream
 
@@ -255,7 +258,7 @@ async def test_tls_clients_that_fail_authentication(
             "another CA": "unable to get local issuer certificate",
             "expired": "certificate has expired",
         }[case]
-        assert any(expected in r.getMessage() for r in caplog.records if r.name == "migrelay.session")
+        assert any(expected in r.getMessage() for r in caplog.records if r.name == "migrelay.forward")
         # and the relay still serves a good stream
         await roundtrip(tmp_path / "hvA/hvB/migration.sock", 5, 1 << 20)
         servers.cancel_scope.cancel()
@@ -308,27 +311,14 @@ async def test_tls_sessions_are_resumed(tmp_path: Path, p: Pki) -> None:
 
 async def test_one_relay_listens_on_every_transport_at_once(tmp_path: Path, p: Pki) -> None:
     """hvB serves a TLS port, a unix socket and a plaintext port together; three hvA relays use one each."""
-    port_tls, port_tcp = free_port(), free_port()
-    b_text = (
-        f'[relay]\nname = "hvB"\nsocket_dir = "{tmp_path}/hvB"\n'
-        f'listen = ["127.0.0.1:{port_tls}", "unix:{tmp_path}/hvB-peer.sock", "tcp://127.0.0.1:{port_tcp}"]\n'
-        f"{p.files('hvB')}\n[peers.hvA]\ninsecure = true\n"
-    )
-    (tmp_path / "hvB.toml").write_text(b_text)
-    sources = []
-    for kind, address in (
-        ("tls", f"127.0.0.1:{port_tls}"),
-        ("unix", f"unix:{tmp_path}/hvB-peer.sock"),
-        ("tcp", f"tcp://127.0.0.1:{port_tcp}"),
-    ):
-        insecure = "insecure = true\n" if kind == "tcp" else ""
-        path = tmp_path / f"hvA-{kind}.toml"
-        path.write_text(
-            f'[relay]\nname = "hvA"\nsocket_dir = "{tmp_path}/hvA-{kind}"\n{p.files("hvA")}\n'
-            f'[peers.hvB]\naddress = "{address}"\n{insecure}'
-        )
-        sources.append(config.load(path))
-    async with running(config.load(tmp_path / "hvB.toml"), *sources), trio.open_nursery() as servers:
+    sources, listeners = [], []
+    for kind in ("tls", "unix", "tcp"):
+        a, b = loopback.pair(tmp_path, p.dir, kind)
+        sources.append(dataclasses.replace(a, socket_dir=tmp_path / f"hvA-{kind}"))
+        listeners += b.listen
+    hv_a = PeerConfig("hvA", None, DEFAULT_CHANNELS, insecure=True)  # tcp:// needs it; the others ignore it
+    b = dataclasses.replace(b, listen=tuple(listeners), peers={"hvA": hv_a})
+    async with running(b, *sources), trio.open_nursery() as servers:
         servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/nbd.sock"), servers)
         async with trio.open_nursery() as clients:
             for i, kind in enumerate(("tls", "unix", "tcp")):
@@ -372,14 +362,14 @@ async def test_check_probe_is_not_a_failure(tmp_path: Path, p: Pki, caplog: pyte
     """`migrelay check` handshakes and hangs up: the peer must not log or count that as a failure."""
     from relay.tools.check import run_check
 
-    caplog.set_level(logging.INFO, logger="migrelay.session")
+    caplog.set_level(logging.INFO, logger="migrelay.forward")
     a, b = pair_configs(tmp_path, p, "tls")
     async with running(b) as (rb,):
         findings = await run_check(a)
         assert any("mutual auth ok" in str(f) for f in findings)
         await eventually(lambda: any("completed a handshake and closed" in r.getMessage() for r in caplog.records))
         assert counted(rb, "migrelay_connections_total") == 0
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "migrelay.session"]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "migrelay.forward"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give sockets to another group")

@@ -50,7 +50,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert [a.kind for a in cfg.listen] == ["tls", "unix", "tcp"]
     assert cfg.peers["hv2"].address == Address("tls", host="192.0.2.2", port=16515)
     assert cfg.peers["hv3"].insecure and cfg.peers["hv3"].channels == ("libvirt.sock", "migration.sock", "nbd.sock")
-    assert cfg.metrics_listen == Address("tls", host="127.0.0.1", port=9465)
+    assert cfg.metrics_listen == config.HostPort("127.0.0.1", 9465)
     assert cfg.handshake_timeout_s == 10
 
 
@@ -96,7 +96,7 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         ('[relay]\nname = "a"\n[peers.b]\ninsecure = "yes"\n', r"insecure: expected true or false"),
         ('[relay]\nname = "a"\nsocket_mode = "rw"\n', r"socket_mode: 'rw' is not an octal mode"),
         ('[relay]\nname = "a"\nsocket_group = "no-such-group-here"\n', r"socket_group: no group 'no-such-group-here'"),
-        ('[relay]\nname = "a"\n[metrics]\nlisten = "unix:/m"\n', r"\[metrics\] listen: expected HOST:PORT"),
+        ('[relay]\nname = "a"\n[metrics]\nlisten = "unix:/m"\n', r"\[metrics\] listen \(plain HTTP\): 'unix:/m'"),
         ('[relay]\nname = "a"\ntcp_keepalive_idle_s = 2.5\n', r"tcp_keepalive_idle_s: expected a whole number"),
         ('[relay]\nname = "a"\ntcp_keepalive_interval_s = 0\n', r"tcp_keepalive_interval_s: must be 1-32767"),
         ('[relay]\nname = "a"\ntcp_keepalive_count = 128\n', r"tcp_keepalive_count: must be 1-127"),

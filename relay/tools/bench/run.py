@@ -204,7 +204,7 @@ def run(
                 started.append(setup)
                 sink = subprocess.Popen([*LOAD, "sink", str(setup.sink)], stdout=subprocess.DEVNULL, text=True)
                 sinks.append(sink)
-                setups._wait_for(setup.sink, [], f"sink for {name}")
+                setups.wait_for(setup.sink, [], f"sink for {name}")
             plan: list[Callable[[], Sample]] = []
             for rep in range(reps):
                 for n in streams:
@@ -252,7 +252,7 @@ def run_flood(report: Report, reps: int, total_bytes: int, progress: Callable[[i
         setup = setups.start("migrelay-tls", Path(tmp))
         sink = subprocess.Popen([*LOAD, "sink", str(setup.sink)], stdout=subprocess.DEVNULL, text=True)
         try:
-            setups._wait_for(setup.sink, [], "sink for the flood bench")
+            setups.wait_for(setup.sink, [], "sink for the flood bench")
             assert setup.peer_port is not None
             host, port = setup.peer_port
             for rep in range(reps):

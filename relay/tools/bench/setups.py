@@ -13,12 +13,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, get_args
 
 from relay.core import config
+from relay.core.config import Transport
 from relay.daemon.net import free_port
-from relay.tools import pki
-from relay.tools.demo import write_pair_configs
+from relay.tools import loopback, pki
 
 START_TIMEOUT_S: Final = 20.0
 SOCAT_BUFFER_BYTES: Final = 262144
@@ -46,11 +46,11 @@ class Setup:
                 p.wait()
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def _wait_for(path: Path, procs: list[subprocess.Popen[bytes]], what: str) -> None:
+def wait_for(path: Path, procs: list[subprocess.Popen[bytes]], what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not path.exists():
         for p in procs:
@@ -94,13 +94,13 @@ def socat(root: Path, transport: str) -> Setup:
         a_cmd = ["socat", *b, f"UNIX-LISTEN:{entry},fork", f"UNIX-CONNECT:{mid}"]
         b_cmd = ["socat", *b, f"UNIX-LISTEN:{mid},fork", f"UNIX-CONNECT:{sink}"]
         ready = mid
-    procs = [_spawn(b_cmd, root / f"{name}-b.log")]
+    procs = [spawn(b_cmd, root / f"{name}-b.log")]
     if ready is not None:
-        _wait_for(ready, procs, name)
+        wait_for(ready, procs, name)
     else:
         time.sleep(0.3)
-    procs.append(_spawn(a_cmd, root / f"{name}-a.log"))
-    _wait_for(entry, procs, name)
+    procs.append(spawn(a_cmd, root / f"{name}-a.log"))
+    wait_for(entry, procs, name)
     return Setup(name, "plain", entry, sink, procs)
 
 
@@ -116,8 +116,8 @@ def stunnel(root: Path) -> Setup:
         f"{common}[b]\naccept = 127.0.0.1:{port}\nconnect = {sink}\ncert = {d}/hvB.pem\nkey = {d}/hvB-key.pem\n"
         "requireCert = yes\n"
     )
-    procs = [_spawn(["stunnel4", str(root / f"stunnel-{s}.conf")], root / f"stunnel-{s}.log") for s in "ba"]
-    _wait_for(entry, procs, "stunnel")
+    procs = [spawn(["stunnel4", str(root / f"stunnel-{s}.conf")], root / f"stunnel-{s}.log") for s in "ba"]
+    wait_for(entry, procs, "stunnel")
     time.sleep(0.3)  # the TCP side of B
     return Setup("stunnel", "tls", entry, sink, procs)
 
@@ -140,22 +140,22 @@ def haproxy(root: Path, tls: bool) -> Setup:
         f"{common}frontend in\n  bind 127.0.0.1:{port}{server_tls}\n  default_backend out\n"
         f"backend out\n  server sink unix@{sink}\n"
     )
-    procs = [_spawn(["haproxy", "-db", "-f", str(root / f"{name}-{s}.cfg")], root / f"{name}-{s}.log") for s in "ba"]
-    _wait_for(entry, procs, name)
+    procs = [spawn(["haproxy", "-db", "-f", str(root / f"{name}-{s}.cfg")], root / f"{name}-{s}.log") for s in "ba"]
+    wait_for(entry, procs, name)
     time.sleep(0.3)
     return Setup(name, "tls" if tls else "plain", entry, sink, procs)
 
 
-def migrelay(root: Path, transport: str) -> Setup:
+def migrelay(root: Path, transport: Transport) -> Setup:
     d = make_pki(root)
     name = f"migrelay-{transport}"
     base = root / name
     base.mkdir(exist_ok=True)
-    a_conf, b_conf = write_pair_configs(base, d, transport, channel="bench.sock")
+    a_conf, b_conf = loopback.write_pair(base, d, transport, channels=("bench.sock",))
     cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "serve", "--config"]
-    procs = [_spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
-    _wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
-    _wait_for(base / "hvB" / "control.sock", procs, name)
+    procs = [spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
+    wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
+    wait_for(base / "hvB" / "control.sock", procs, name)
     listen = config.load(b_conf).listen[0]
     return Setup(name, "tls" if transport == "tls" else "plain", base / "hvA/hvB/bench.sock",
                  base / "hvB/hvB/bench.sock", procs,
@@ -181,6 +181,7 @@ def start(name: str, root: Path) -> Setup:
         return stunnel(root)
     if name.startswith("haproxy-"):
         return haproxy(root, name == "haproxy-tls")
-    if name.startswith("migrelay-"):
-        return migrelay(root, name.removeprefix("migrelay-"))
+    for transport in get_args(Transport):
+        if name == f"migrelay-{transport}":
+            return migrelay(root, transport)
     raise ValueError(f"unknown setup {name!r} (known: {', '.join(ALL)})")
