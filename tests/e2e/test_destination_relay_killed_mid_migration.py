@@ -23,6 +23,21 @@ SLOW_BYTES_PER_S = 2 << 20  # 64 MiB at 2 MiB/s: still running when the relay is
 FAIL_WITHIN_S = 5.0
 
 
+IN_FLIGHT_BYTES = 1 << 20
+IN_FLIGHT_TIMEOUT_S = 30.0
+
+
+async def in_flight(src: Qemu) -> None:
+    """Wait until the source has sent IN_FLIGHT_BYTES of RAM: the stream is carrying data
+    through both relays when the destination's is killed, not still being set up."""
+
+    async def sent() -> None:
+        while (await src.cmd("query-migrate")).get("ram", {}).get("transferred", 0) < IN_FLIGHT_BYTES:  # noqa: ASYNC110  (QMP has no event for it)
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(sent(), IN_FLIGHT_TIMEOUT_S)
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -57,7 +72,7 @@ def test_destination_relay_killed_mid_migration(hosts: Hosts, ram_dir: Path) -> 
             await dst.cmd("migrate-incoming", uri=f"unix:{hosts.destination('migration.sock')}")
             await src.cmd("migrate", uri=f"unix:{hosts.source('migration.sock')}")
             await src.wait_migration({"active"})
-            await asyncio.sleep(1)
+            await in_flight(src)
             relay_b.proc.send_signal(signal.SIGKILL)
             killed = time.monotonic()
             await src.wait_migration({"failed"}, timeout_s=30, fail_ok=True)

@@ -21,7 +21,7 @@ import trio
 
 from relay.core import config
 from relay.core.config import PeerConfig
-from relay.core.errors import RemoteError
+from relay.core.errors import STATUS_BAD_REQUEST, STATUS_FORBIDDEN, STATUS_UNSUPPORTED_VERSION, RemoteError
 from relay.core.overlay import DEFAULT_CHANNELS
 from relay.core.protocol import REQUEST_FIXED, ReplyReader, Request, encode_request
 from relay.daemon.net import free_port
@@ -80,7 +80,7 @@ async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: str) -
         assert counted(rb, "migrelay_connections_total", peer="hvA", channel="migration", result="ok") == 1
 
 
-async def test_32_concurrent_connections(tmp_path: Path, p: Pki) -> None:
+async def test_32_concurrent_connections_are_byte_exact(tmp_path: Path, p: Pki) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
     async with running(a, b), trio.open_nursery() as servers:
         dest = await listen(tmp_path / "hvB/hvB/nbd.sock")
@@ -130,7 +130,9 @@ async def assert_refused_close(path: Path) -> None:
         assert await sock.recv(10) == b""
 
 
-async def test_target_nobody_listens_on(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_target_nobody_listens_on_is_refused_with_the_reason_on_both_relays(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
     async with running(a, b) as (ra, rb):
         await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
@@ -158,7 +160,9 @@ async def test_symlink_and_non_socket_targets_are_refused(
         servers.cancel_scope.cancel()
 
 
-async def test_peer_down(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_peer_that_is_down_closes_the_client_at_once_and_counts_a_failure(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     a, _unused_b = pair_configs(tmp_path, p, "tls")
     async with running(a) as (ra,):
         await assert_refused_close(tmp_path / "hvA/hvB/migration.sock")
@@ -166,7 +170,9 @@ async def test_peer_down(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixtur
         assert any("cannot reach hvB" in r.getMessage() for r in caplog.records)
 
 
-async def test_libvirt_refused_when_not_configured(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+async def test_libvirt_sock_is_refused_where_no_libvirt_is_configured(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
     async with running(a, b):
         await assert_refused_close(tmp_path / "hvA/hvB/libvirt.sock")
@@ -187,12 +193,12 @@ async def test_peer_certificate_must_name_the_peer(tmp_path: Path, p: Pki, caplo
 @pytest.mark.parametrize(
     ("data", "status", "reason"),
     [
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1, "not a migrelay header"),
-        (REQUEST_FIXED.pack(b"MGRL", 1, 1, 3, 60000, 1) + b"hvA", 1, "too large"),
-        (REQUEST_FIXED.pack(b"MGRL", 7, 1, 3, 3, 1) + b"hvAabc", 4, "version 7"),
-        (encode_request(Request("hvA", "../hvC/migration.sock", 1)), 2, "contains '/'"),
-        (encode_request(Request("hvA", "other.sock", 1)), 2, "not allowed for this peer"),
-        (encode_request(Request("hvC", "migration.sock", 1)), 2, "certificate names hvA, not hvC"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", STATUS_BAD_REQUEST, "not a migrelay header"),
+        (REQUEST_FIXED.pack(b"MGRL", 1, 1, 3, 60000, 1) + b"hvA", STATUS_BAD_REQUEST, "too large"),
+        (REQUEST_FIXED.pack(b"MGRL", 7, 1, 3, 3, 1) + b"hvAabc", STATUS_UNSUPPORTED_VERSION, "version 7"),
+        (encode_request(Request("hvA", "../hvC/migration.sock", 1)), STATUS_FORBIDDEN, "contains '/'"),
+        (encode_request(Request("hvA", "other.sock", 1)), STATUS_FORBIDDEN, "not allowed for this peer"),
+        (encode_request(Request("hvC", "migration.sock", 1)), STATUS_FORBIDDEN, "certificate names hvA, not hvC"),
     ],
 )
 async def test_bad_requests_get_a_reason(
@@ -218,53 +224,59 @@ async def test_bad_requests_get_a_reason(
         servers.cancel_scope.cancel()
 
 
-async def test_unconfigured_peer_with_a_valid_certificate(tmp_path: Path, p: Pki) -> None:
+async def test_an_unconfigured_peer_with_a_valid_certificate_is_refused(tmp_path: Path, p: Pki) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
     async with running(a, b):
         bad = BadPeer(b, p)
         conn = await bad.open(cert="hvC")
         reply = await bad.request(conn, encode_request(Request("hvC", "migration.sock", 1)))
         conn.close()
-        assert reply.status == 2 and "hvC is not a configured peer of hvB" in reply.reason
+        assert reply.status == STATUS_FORBIDDEN and "hvC is not a configured peer of hvB" in reply.reason
 
 
-@pytest.mark.parametrize("case", ["no client certificate", "another CA", "expired"])
-async def test_tls_clients_that_fail_authentication(
-    tmp_path: Path, p: Pki, case: str, caplog: pytest.LogCaptureFixture
+@dataclasses.dataclass(frozen=True)
+class BadClient:
+    """A TLS client that fails authentication: what it presents, the alert it hears, what hvB logs."""
+
+    name: str
+    open_args: dict[str, object]
+    alert: str  # TLS 1.3: the client finishes its handshake first and hears the alert on its next read
+    logged: str
+
+
+EXPIRED_CERT = "hvA-old"
+BAD_CLIENTS = [
+    BadClient(
+        "no client certificate", {"with_cert": False}, "certificate required", "peer did not return a certificate"
+    ),
+    BadClient("another CA", {"ca_dir": "other"}, "unknown ca", "unable to get local issuer certificate"),
+    BadClient("expired", {"cert": EXPIRED_CERT}, "certificate expired", "certificate has expired"),
+]
+
+
+@pytest.mark.parametrize("client", BAD_CLIENTS, ids=lambda c: c.name)
+async def test_tls_clients_that_fail_authentication_are_refused_and_logged(
+    tmp_path: Path, p: Pki, client: BadClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
-    if case == "expired":
-        pki.issue(p.dir, "hvA-old", days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    pki.issue(p.dir, EXPIRED_CERT, days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    args = {k: (p.other_ca if v == "other" else v) for k, v in client.open_args.items()}
     async with running(a, b) as (_, rb), trio.open_nursery() as servers:
         servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
         bad = BadPeer(b, p)
-        # TLS 1.3: the client finishes its handshake first and hears the server's alert on its next read
-        alert = {
-            "no client certificate": "certificate required",
-            "another CA": "unknown ca",
-            "expired": "certificate expired",
-        }[case]
-        with pytest.raises(RemoteError, match=alert):
-            if case == "no client certificate":
-                conn = await bad.open(with_cert=False)
-            elif case == "another CA":
-                conn = await bad.open(ca_dir=p.other_ca)
-            else:
-                conn = await bad.open(cert="hvA-old")
+        with pytest.raises(RemoteError, match=client.alert):
+            conn = await bad.open(**args)  # type: ignore[arg-type]
             await bad.request(conn, encode_request(Request("hvA", "migration.sock", 1)))
         await eventually(lambda: counted(rb, "migrelay_connections_total", peer="unknown", result="failed") == 1)
-        expected = {
-            "no client certificate": "peer did not return a certificate",
-            "another CA": "unable to get local issuer certificate",
-            "expired": "certificate has expired",
-        }[case]
-        assert any(expected in r.getMessage() for r in caplog.records if r.name == "migrelay.forward")
+        assert any(client.logged in r.getMessage() for r in caplog.records if r.name == "migrelay.forward")
         # and the relay still serves a good stream
         await roundtrip(tmp_path / "hvA/hvB/migration.sock", 5, 1 << 20)
         servers.cancel_scope.cancel()
 
 
-async def test_silent_peer_times_out(tmp_path: Path, p: Pki, autojump_clock: trio.abc.Clock) -> None:
+async def test_a_silent_peer_is_dropped_after_the_handshake_timeout(
+    tmp_path: Path, p: Pki, autojump_clock: trio.abc.Clock
+) -> None:
     """A connection that never starts its handshake is dropped after handshake_timeout_s."""
     _unused_a, b = pair_configs(tmp_path, p, "tls")
     async with running(b) as (rb,):
@@ -277,7 +289,7 @@ async def test_silent_peer_times_out(tmp_path: Path, p: Pki, autojump_clock: tri
         sock.close()
 
 
-async def test_metrics_endpoint(tmp_path: Path, p: Pki) -> None:
+async def test_metrics_endpoint_shows_bytes_and_connections(tmp_path: Path, p: Pki) -> None:
     a, _unused_b = pair_configs(tmp_path, p, "tls")
     port = free_port()
     text = (tmp_path / "hvB.toml").read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
@@ -336,7 +348,7 @@ async def test_plaintext_tcp_is_refused_for_a_peer_without_insecure(tmp_path: Pa
         await sock.send(encode_request(Request("hvA", "migration.sock", 1)))
         reply = ReplyReader().feed(await sock.recv(2048))
         sock.close()
-        assert reply is not None and reply.status == 2 and "may not use plaintext tcp" in reply.reason
+        assert reply is not None and reply.status == STATUS_FORBIDDEN and "may not use plaintext tcp" in reply.reason
 
 
 async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
@@ -358,7 +370,9 @@ async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
         servers.cancel_scope.cancel()
 
 
-async def test_check_probe_is_not_a_failure(tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_check_probe_is_logged_as_a_probe_not_a_failure(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     """`migrelay check` handshakes and hangs up: the peer must not log or count that as a failure."""
     from relay.tools.check import run_check
 
