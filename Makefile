@@ -48,6 +48,7 @@ deps:
 
 lint: venv
 	$(VENV)/bin/ruff check relay tests
+	$(VENV)/bin/ruff format --check relay tests
 	$(VENV)/bin/mypy
 
 test: deps venv lint

@@ -108,16 +108,29 @@ MODULE_DIRS = ("/usr/lib/modules", "/lib/modules")
 KMSG = ("/proc/kmsg", "/dev/kmsg")
 # ProtectKernelTunables=: systemd's read-only list under /proc (those that exist)
 PROC_TUNABLES = (
-    "/proc/acpi", "/proc/apm", "/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq",
-    "/proc/latency_stats", "/proc/mtrr", "/proc/scsi", "/proc/sys", "/proc/sysrq-trigger",
-    "/proc/timer_list", "/proc/timer_stats",
-)  # fmt: skip
+    "/proc/acpi",
+    "/proc/apm",
+    "/proc/asound",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/latency_stats",
+    "/proc/mtrr",
+    "/proc/scsi",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+)
 PRIVATE_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 PRIVATE_DEV_DIRS = ("pts", "shm")
 PRIVATE_DEV_LINKS = {
-    "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-    "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx",
-}  # fmt: skip
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
 
 # <sys/mount.h>, <sched.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
@@ -126,9 +139,14 @@ MNT_DETACH = 0x2
 PER_MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 CLONE_NEWNS, CLONE_NEWUTS = 0x00020000, 0x04000000
 NAMESPACE_FLAGS = {
-    "cgroup": 0x02000000, "ipc": 0x08000000, "net": 0x40000000, "mnt": CLONE_NEWNS,
-    "pid": 0x20000000, "user": 0x10000000, "uts": CLONE_NEWUTS,
-}  # fmt: skip
+    "cgroup": 0x02000000,
+    "ipc": 0x08000000,
+    "net": 0x40000000,
+    "mnt": CLONE_NEWNS,
+    "pid": 0x20000000,
+    "user": 0x10000000,
+    "uts": CLONE_NEWUTS,
+}
 SCHED_OTHER, SCHED_BATCH, SCHED_IDLE = 0, 3, 5
 S_ISUID, S_ISGID = 0o4000, 0o2000
 
@@ -359,8 +377,11 @@ class Sandbox:
         _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
         # hold what will be covered, to bind it back (from this namespace: a bind across namespaces is EINVAL)
         keep = {str(p): os.open(p, os.O_PATH | os.O_CLOEXEC) for p in self.visible}
-        dev = {n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC) for n in PRIVATE_DEV_NODES + PRIVATE_DEV_DIRS
-               if os.path.exists(f"/dev/{n}")}  # fmt: skip
+        dev = {
+            n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC)
+            for n in PRIVATE_DEV_NODES + PRIVATE_DEV_DIRS
+            if os.path.exists(f"/dev/{n}")
+        }
         # as systemd: mounts from the host still propagate in, ours never out
         mount(None, "/", None, MS_REC | MS_SLAVE)
         writable = self.runtime_directory() + self.read_write_paths()
@@ -415,8 +436,13 @@ class Sandbox:
         os.close(null)
         for note in self.notes:
             print(f"unit_sandbox: {note}", file=sys.stderr, flush=True)
-        stage2 = [sys.executable, "-I", str(Path(__file__).resolve()), "--stage2",
-                  json.dumps({"filters": spec, "argv": argv, "env": env})]  # fmt: skip
+        stage2 = [
+            sys.executable,
+            "-I",
+            str(Path(__file__).resolve()),
+            "--stage2",
+            json.dumps({"filters": spec, "argv": argv, "env": env}),
+        ]
         os.execv("/usr/bin/setpriv", ["setpriv", *identity, "--", *stage2])
 
     def exec_start(self) -> list[str]:
@@ -564,10 +590,13 @@ class Sandbox:
         merged = syscall_filter(unit, groups)
         errno_sets = []  # implied by other directives: systemd answers these with EPERM
         for directive, names in (
-            ("PrivateDevices", ["@raw-io"]), ("ProtectClock", ["@clock"]), ("ProtectKernelModules", ["@module"]),
-            ("ProtectKernelLogs", ["syslog"]), ("ProtectKernelTunables", ["_sysctl"]),
+            ("PrivateDevices", ["@raw-io"]),
+            ("ProtectClock", ["@clock"]),
+            ("ProtectKernelModules", ["@module"]),
+            ("ProtectKernelLogs", ["syslog"]),
+            ("ProtectKernelTunables", ["_sysctl"]),
             ("ProtectHostname", ["sethostname", "setdomainname"]),
-        ):  # fmt: skip
+        ):
             if unit.flag(directive):
                 errno_sets.append(sorted(set().union(*(expand(n, groups) for n in names))))
         families = unit.words("RestrictAddressFamilies")
@@ -596,7 +625,7 @@ def load_filters(spec: dict[str, Any]) -> None:
     libseccomp's default bad-architecture action (kill) stands in for systemd's separate
     SystemCallArchitectures=native filter: these filters hold the native ABI only.
     """
-    import seccomp  # type: ignore[import-not-found]  # Debian's python3-seccomp
+    import seccomp  # Debian's python3-seccomp (for /usr/bin/python3; untyped: see pyproject)
 
     from_errno = seccomp.ERRNO
     Arg = seccomp.Arg
@@ -648,8 +677,16 @@ def load_filters(spec: dict[str, Any]) -> None:
         f = new()
         eperm = from_errno(errno.EPERM)
         for bit in (S_ISUID, S_ISGID):
-            for call, arg in (("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("mkdir", 1), ("mkdirat", 2),
-                              ("mknod", 1), ("mknodat", 2), ("creat", 1)):  # fmt: skip
+            for call, arg in (
+                ("chmod", 1),
+                ("fchmod", 1),
+                ("fchmodat", 2),
+                ("mkdir", 1),
+                ("mkdirat", 2),
+                ("mknod", 1),
+                ("mknodat", 2),
+                ("creat", 1),
+            ):
                 f.add_rule(eperm, call, Arg(arg, seccomp.MASKED_EQ, bit, bit))
             mode = Arg(2, seccomp.MASKED_EQ, bit, bit)
             f.add_rule(eperm, "open", Arg(1, seccomp.MASKED_EQ, os.O_CREAT, os.O_CREAT), mode)

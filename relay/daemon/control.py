@@ -197,8 +197,12 @@ class Control:
                                 accept_outbound_loop, self.ctx, sock, peer, name, self.streams, session.activity
                             )
                         await self._expire_when_idle(session)
-                        log.info("session %s to %s expired after %.0fs idle", session.id, session.peer,
-                                 self.ctx.config.session_idle_s)  # fmt: skip
+                        log.info(
+                            "session %s to %s expired after %.0fs idle",
+                            session.id,
+                            session.peer,
+                            self.ctx.config.session_idle_s,
+                        )
                         nursery.cancel_scope.cancel()
         except Exception:
             # Whatever ends one session badly (a bug, a listener that broke, a socket file that

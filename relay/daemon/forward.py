@@ -355,9 +355,7 @@ async def _forward(
 # --- inbound: destination side -------------------------------------------------------
 
 
-def _identify(
-    ctx: Forwarding, kind: Transport, request: Request | Continue, cert_names: frozenset[str]
-) -> PeerConfig:
+def _identify(ctx: Forwarding, kind: Transport, request: Request | Continue, cert_names: frozenset[str]) -> PeerConfig:
     """Which configured peer this is, by the rules of the listener it came in on."""
     peer = ctx.config.peers.get(request.source)
     if kind == "tls":

@@ -134,9 +134,14 @@ class _Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=0, unit="B", unit_scale=True, unit_divisor=1024, file=out, disable=not out.isatty(),
+            total=0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=out,
+            disable=not out.isatty(),
             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
-        )  # fmt: skip
+        )
         self.last: dict[str, Any] = {}
 
     def update(self, stats: dict[str, Any]) -> None:
@@ -200,9 +205,15 @@ def _session_bytes(control_path: Path, session_id: str) -> int:
 
 
 def _run(
-    lv: Any, conn: Any, dom: Any, options: MigrateOptions, desturi: str, flags: int, params: dict[str, Any],
+    lv: Any,
+    conn: Any,
+    dom: Any,
+    options: MigrateOptions,
+    desturi: str,
+    flags: int,
+    params: dict[str, Any],
     out: TextIO,
-) -> Summary:  # fmt: skip
+) -> Summary:
     outcome: dict[str, BaseException | None] = {}
 
     def worker() -> None:

@@ -57,17 +57,31 @@ class Qemu:
         from qemu.qmp import QMPClient
 
         args = [
-            "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", *(["-S"] if self.paused else []),
-            "-machine", "pc,memory-backend=ram", "-m", f"{self.ram_mib}M",
-            "-object", f"memory-backend-file,id=ram,size={self.ram_mib}M,mem-path={self.ram_file},share=on",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-        ]  # fmt: skip
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            *(["-S"] if self.paused else []),
+            "-machine",
+            "pc,memory-backend=ram",
+            "-m",
+            f"{self.ram_mib}M",
+            "-object",
+            f"memory-backend-file,id=ram,size={self.ram_mib}M,mem-path={self.ram_file},share=on",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+        ]
         if self.disk is not None:
             args += [
-                "-blockdev", f"driver=file,node-name=file0,filename={self.disk}",
-                "-blockdev", "driver=raw,node-name=disk0,file=file0",
-                "-device", "virtio-blk-pci,drive=disk0,id=vblk0",
-            ]  # fmt: skip
+                "-blockdev",
+                f"driver=file,node-name=file0,filename={self.disk}",
+                "-blockdev",
+                "driver=raw,node-name=disk0,file=file0",
+                "-device",
+                "virtio-blk-pci,drive=disk0,id=vblk0",
+            ]
         if self.incoming:
             args += ["-incoming", "defer"]
         self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

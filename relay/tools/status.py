@@ -8,8 +8,10 @@ from typing import Any
 def render(status: dict[str, Any]) -> str:
     """The control socket's status answer, one line for the relay, one per peer and per session."""
     listening = ", ".join(status["listen"]) or "nothing (dials out only)"
-    lines = [f"relay {status['relay']}: up {status['uptime_s']:.0f}s, overlay {status['socket_dir']}, "
-             f"listening on {listening}"]  # fmt: skip
+    lines = [
+        f"relay {status['relay']}: up {status['uptime_s']:.0f}s, overlay {status['socket_dir']}, "
+        f"listening on {listening}"
+    ]
     for name, peer in status["peers"].items():
         lines.append(
             f"  peer {name} ({peer['address'] or 'accept only'}): {peer.get('active_streams', 0)} active, "

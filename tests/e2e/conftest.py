@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.config import Transport
 from relay.daemon.net import free_port
 from relay.tools import pki
 from tests.e2e.libvirt_hosts import Cluster, LibvirtHost, qemu_tls_files, relay_config
@@ -40,7 +41,7 @@ class Hosts:
         return scrape(self.metrics_a).get(("migrelay_connections_total", labels), 0.0)
 
 
-def start_hosts(root: Path, transport: str) -> tuple[Path, Path, int, int]:
+def start_hosts(root: Path, transport: Transport) -> tuple[Path, Path, int, int]:
     p = make_pki(root)
     pair_configs(root, p, transport, libvirt=root / "hvB-libvirt-sock")
     return root / "hvA.toml", root / "hvB.toml", add_metrics(root / "hvA.toml"), add_metrics(root / "hvB.toml")

@@ -67,9 +67,12 @@ class LibvirtHost:
     def path(self, inside: str) -> Path:
         """Where a path inside this host's namespace lives on the real filesystem."""
         for prefix, folder in (
-            (SOCKET_DIR, "overlay"), ("/run", "run"), ("/etc/libvirt", "etc/libvirt"),
-            ("/var/lib/libvirt", "var/lib/libvirt"), ("/var/log/libvirt", "var/log/libvirt"),
-        ):  # fmt: skip
+            (SOCKET_DIR, "overlay"),
+            ("/run", "run"),
+            ("/etc/libvirt", "etc/libvirt"),
+            ("/var/lib/libvirt", "var/lib/libvirt"),
+            ("/var/log/libvirt", "var/log/libvirt"),
+        ):
             if inside == prefix or inside.startswith(prefix + "/"):
                 return self.root / folder / inside[len(prefix) :].lstrip("/")
         return Path(inside)
@@ -99,10 +102,23 @@ class LibvirtHost:
         log = self.root / "libvirtd.log"
         self.logs.append(log)
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--uts", "--propagation", "private", "--fork",
-             "bash", "-c", BOOT, "boot", str(self.root), self.name],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "--fork",
+                "bash",
+                "-c",
+                BOOT,
+                "boot",
+                str(self.root),
+                self.name,
+            ],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.path(LIBVIRT_SOCK).is_socket():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -127,8 +143,9 @@ class LibvirtHost:
         self.logs.append(log)
         self.relay = subprocess.Popen(
             self.inside(sys.executable, "-m", "relay", "serve", "--config", str(config)),
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.path(f"{SOCKET_DIR}/control.sock").is_socket():
             if self.relay.poll() is not None or time.monotonic() > deadline:
@@ -201,9 +218,11 @@ def qemu_tls_files(pki_dir: Path, name: str, folder: Path) -> Path:
 
 def domain_xml(name: str, memory_mib: int = 96, disk: bool = False, file_ram: bool = False) -> str:
     return DOMAIN_XML.format(
-        name=name, memory_mib=memory_mib, disk=DISK_XML.format(name=name) if disk else "",
+        name=name,
+        memory_mib=memory_mib,
+        disk=DISK_XML.format(name=name) if disk else "",
         memory_backing=FILE_BACKED_RAM if file_ram else "",
-    )  # fmt: skip
+    )
 
 
 def fill_guest_ram(host: LibvirtHost, mib: int) -> None:
@@ -219,10 +238,13 @@ def fill_guest_ram(host: LibvirtHost, mib: int) -> None:
 def overlay_uris(peer: str, migration: str = "migration.sock", nbd: str = "nbd.sock") -> list[str]:
     """The three URIs of the seed's UNIX-socket migration, through the overlay."""
     return [
-        "--desturi", f"qemu+unix:///system?socket={SOCKET_DIR}/{peer}/libvirt.sock",
-        "--migrateuri", f"unix://{SOCKET_DIR}/{peer}/{migration}",
-        "--disks-uri", f"unix://{SOCKET_DIR}/{peer}/{nbd}",
-    ]  # fmt: skip
+        "--desturi",
+        f"qemu+unix:///system?socket={SOCKET_DIR}/{peer}/libvirt.sock",
+        "--migrateuri",
+        f"unix://{SOCKET_DIR}/{peer}/{migration}",
+        "--disks-uri",
+        f"unix://{SOCKET_DIR}/{peer}/{nbd}",
+    ]
 
 
 def relay_config(root: Path, name: str, peer: str, pki_dir: Path, port: int, peer_port: int, metrics: int) -> Path:
@@ -258,8 +280,11 @@ class Cluster:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), f"{DISK_MIB}M"], check=True)
         if fill:  # data the copy must carry: 16 MiB of a pattern, in several places
             for offset in (0, 20, 40):
-                subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x{offset + 17:x} {offset}M 5M", str(image)],
-                               check=True, capture_output=True)  # fmt: skip
+                subprocess.run(
+                    ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x{offset + 17:x} {offset}M 5M", str(image)],
+                    check=True,
+                    capture_output=True,
+                )
         return image
 
 

@@ -123,8 +123,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-
-
 async def precopy(src: Qemu, dst: Qemu, source_uri: Path, dest_uri: Path) -> dict[str, Any]:
     """Start dst listening, migrate src into it, wait until the *destination* says completed."""
     await dst.cmd("migrate-incoming", uri=f"unix:{dest_uri}")

@@ -19,11 +19,30 @@ def test_bench_command(tmp_path: Path) -> None:
     need("socat", "stunnel4", "haproxy")
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "--setups", "direct,socat-unix,stunnel,migrelay-tls,migrelay-unix",
-         "--streams", "1,2", "--size", "8M", "--reps", "1", "--rtt-count", "20", "--migration-reps", "0",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "bench",
+            "--setups",
+            "direct,socat-unix,stunnel,migrelay-tls,migrelay-unix",
+            "--streams",
+            "1,2",
+            "--size",
+            "8M",
+            "--reps",
+            "1",
+            "--rtt-count",
+            "20",
+            "--migration-reps",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "migrelay-tls" in result.stdout and "targets (ratios in this run)" in result.stdout
     data = json.loads((out / "bench.json").read_text())

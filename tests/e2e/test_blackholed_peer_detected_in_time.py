@@ -28,7 +28,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.core.config import Liveness
+from relay.core.config import DEFAULT_REKEY_AFTER_BYTES, Liveness
 from relay.tools import loopback
 from tests import netns
 from tests.e2e.procs import ServeProcess, need, serve
@@ -81,7 +81,6 @@ CASES = [
 
 def write_configs(root: Path, p: Pki, link: netns.Link, case: Case) -> tuple[Path, Path]:
     """hvA (host a) dials hvB (host b) over TLS on the veth; each serves /metrics on its own loopback."""
-    rekey = {"rekey_after_bytes": case.rekey_after_bytes} if case.rekey_after_bytes else {}
     return loopback.write_pair(
         root,
         p.dir,
@@ -92,7 +91,7 @@ def write_configs(root: Path, p: Pki, link: netns.Link, case: Case) -> tuple[Pat
         handshake_timeout_s=3.0,
         drain_timeout_s=2.0,
         liveness=case.liveness(),
-        **rekey,
+        rekey_after_bytes=case.rekey_after_bytes or DEFAULT_REKEY_AFTER_BYTES,
     )
 
 

@@ -79,15 +79,30 @@ def test_postcopy_migration(cluster: Cluster) -> None:
     fill_guest_ram(cluster.a, 64)
     events = subprocess.Popen(
         cluster.b.inside("virsh", "-q", "-c", "qemu:///system", "event", "--all", "--loop", "--timeout", "300"),
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         # capped at 1 MiB/s so the switch to postcopy happens while precopy is still running
         job = subprocess.Popen(
-            cluster.a.inside("virsh", "-q", "-c", "qemu:///system", "migrate", "--live", "--p2p", "--postcopy",
-                             "--bandwidth", "1", name, *overlay_uris("hvB")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            cluster.a.inside(
+                "virsh",
+                "-q",
+                "-c",
+                "qemu:///system",
+                "migrate",
+                "--live",
+                "--p2p",
+                "--postcopy",
+                "--bandwidth",
+                "1",
+                name,
+                *overlay_uris("hvB"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while not memory_moving(cluster.a.virsh("domjobinfo", name, check=False).stdout):
             assert job.poll() is None, job.communicate()
@@ -111,8 +126,9 @@ def test_tunnelled_migration(cluster: Cluster) -> None:
     start_transient(cluster, name)
     before = (cluster.connections("libvirt"), cluster.connections("migration"))
     try:
-        migrate(cluster, "--live", "--p2p", "--tunnelled", name,
-                "qemu+unix:///system?socket=/run/migrelay/hvB/libvirt.sock")  # fmt: skip
+        migrate(
+            cluster, "--live", "--p2p", "--tunnelled", name, "qemu+unix:///system?socket=/run/migrelay/hvB/libvirt.sock"
+        )
         assert state(cluster.b, name) == "running"
         assert cluster.connections("libvirt") > before[0] and cluster.connections("migration") == before[1]
     finally:

@@ -22,8 +22,10 @@ def migrelay_migrate(cluster: Cluster, *args: str) -> subprocess.Popen[str]:
     """`migrelay migrate` on host hvA (in its namespace, so /run/migrelay is hvA's overlay)."""
     return subprocess.Popen(
         cluster.a.inside(sys.executable, "-m", "relay", "migrate", *args),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def open_sessions(cluster: Cluster) -> list[object]:

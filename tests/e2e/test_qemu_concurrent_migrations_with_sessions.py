@@ -21,8 +21,10 @@ from tests.e2e.procs import need, precopy, running, sha256, vm_pair
 def open_session(hosts: Hosts) -> dict[str, str]:
     out = subprocess.run(
         [sys.executable, "-m", "relay", "session", "open", "hvB", "--config", str(hosts.root / "hvA.toml")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     session: dict[str, str] = json.loads(out.stdout)
     return session
 

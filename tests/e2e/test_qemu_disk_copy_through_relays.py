@@ -39,9 +39,12 @@ def test_qemu_disk_copy_through_relays(hosts: Hosts, ram_dir: Path) -> None:
             await dst.cmd("migrate-incoming", uri=f"unix:{hosts.destination('migration.sock')}")
             # source: mirror into the NBD export through the relays, until ready
             await src.cmd(
-                "blockdev-add", driver="nbd", **{"node-name": "target"}, export="disk0",
+                "blockdev-add",
+                driver="nbd",
+                **{"node-name": "target"},
+                export="disk0",
                 server={"type": "unix", "path": str(hosts.source("nbd.sock"))},
-            )  # fmt: skip
+            )
             await src.cmd("blockdev-mirror", **{"job-id": "mirror0"}, device="disk0", target="target", sync="full")
             for _ in range(1200):
                 jobs = await src.cmd("query-block-jobs")
@@ -65,8 +68,9 @@ def test_qemu_disk_copy_through_relays(hosts: Hosts, ram_dir: Path) -> None:
             await dst.cmd("nbd-server-stop")
 
     asyncio.run(migrate())
-    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_disk), str(dst_disk)],
-                             capture_output=True, text=True)  # fmt: skip
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_disk), str(dst_disk)], capture_output=True, text=True
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert sha256(dst.ram_file) == sha256(src.ram_file)
     assert (hosts.connections("migration"), hosts.connections("nbd")) == (1, 1)

@@ -225,8 +225,10 @@ def test_sandboxed_unit_carries_hypervisor_streams(root: Path) -> None:
         assert connections(metrics_b, "hvA", "libvirt") == 1
         status = subprocess.run(
             [sys.executable, "-m", "relay", "status", "--control", str(run_a / "control.sock")],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert status.returncode == 0 and "relay hvA: up" in status.stdout, status.stderr
     # serve() sent SIGTERM (the unit's KillSignal=) and waited: a clean, complete stop
     for relay in relays:

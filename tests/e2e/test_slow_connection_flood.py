@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from relay.core import config
-from relay.tools.bench.flood import flood
+from relay.tools.bench.flood import FloodReport, flood
 from tests.e2e.procs import serve
 from tests.support import add_metrics, connect, listen, make_pki, pair_configs, recv_stream, scrape, send_stream
 
@@ -52,6 +52,7 @@ def test_slow_connection_flood(tmp_path: Path) -> None:
         rss_before = rss_mib(pid)
         peak = [rss_before]
         result: dict[str, object] = {}
+        floods: list[FloodReport] = []
 
         async def watch_rss() -> None:
             while True:
@@ -80,11 +81,11 @@ def test_slow_connection_flood(tmp_path: Path) -> None:
             async with trio.open_nursery() as n:
                 n.start_soon(watch_rss)
                 n.start_soon(stream)
-                result["flood"] = await flood(address.host, address.port, CONNECTIONS, timeout_s + CLOSE_MARGIN_S + 5)
+                floods.append(await flood(address.host, address.port, CONNECTIONS, timeout_s + CLOSE_MARGIN_S + 5))
                 n.cancel_scope.cancel()
 
         trio.run(scenario)
-        report = result["flood"]
+        report = floods[0]
         print(f"\nflood: {report.summary()}; relay RSS {rss_before:.0f} MiB -> peak {peak[0]:.0f} MiB")
         assert result["far"] == (STREAM_BYTES, result["sent"])
         assert report.opened == CONNECTIONS and report.still_open == 0, report.summary()

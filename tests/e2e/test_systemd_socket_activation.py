@@ -23,10 +23,22 @@ from tests.support import connect, listen, make_pki, pair_configs, recv_stream, 
 
 def socket_activated(config: Path, address: str, notify: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["systemd-socket-activate", "-l", address, "-E", f"NOTIFY_SOCKET={notify}",
-         sys.executable, "-m", "relay", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            "systemd-socket-activate",
+            "-l",
+            address,
+            "-E",
+            f"NOTIFY_SOCKET={notify}",
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_socket_activation(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay.core.config import Transport
 from tests.e2e.procs import serve
 from tests.support import add_metrics, connect, listen, make_pki, pair_configs, recv_stream, scrape, send_stream
 
@@ -21,7 +22,7 @@ SIZE = 64 << 20
 
 
 @pytest.mark.parametrize("transport", ["tls", "unix", "tcp"])
-def test_two_daemons_carry_streams(tmp_path: Path, transport: str) -> None:
+def test_two_daemons_carry_streams(tmp_path: Path, transport: Transport) -> None:
     p = make_pki(tmp_path)
     pair_configs(tmp_path, p, transport)
     port_a, port_b = add_metrics(tmp_path / "hvA.toml"), add_metrics(tmp_path / "hvB.toml")

@@ -61,7 +61,10 @@ def seeds(target: str) -> list[bytes]:
     elif target == "reply":
         wires = [encode_reply(Reply(STATUS_OK)), encode_reply(Reply(STATUS_FORBIDDEN, "not allowed")) + b"NBDMAGIC"]
     else:
-        requests = [control_protocol.OpenSession("hv2"), control_protocol.CloseSession("1f2e3d4c")]
+        requests: list[control_protocol.ControlRequest] = [
+            control_protocol.OpenSession("hv2"),
+            control_protocol.CloseSession("1f2e3d4c"),
+        ]
         requests += [control_protocol.ListSessions(), control_protocol.GetStatus()]
         # and one deep enough that a few copy mutations reach past the interpreter's recursion limit,
         # which only the nesting bound keeps json from hitting

@@ -117,5 +117,3 @@ class BadPeer:
         await conn.send_all(memoryview(data))
         reply = await read_header(conn, ReplyReader())
         return reply
-
-

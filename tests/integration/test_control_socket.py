@@ -244,7 +244,7 @@ async def test_an_unexpected_error_is_logged_counted_and_answered(
 ) -> None:
     a, b = pair_configs(tmp_path, p, "tls")
     registry = CollectorRegistry()
-    registry.register(BrokenCollector(failures=1))  # type: ignore[arg-type]
+    registry.register(BrokenCollector(failures=1))
     async with relays(tmp_path, a, b, metrics=Metrics(registry)) as ra:
         with caplog.at_level(logging.ERROR, logger="migrelay.control"):
             answer = await raw_ask(a.control_path, b'{"op": "status"}\n')
@@ -285,7 +285,7 @@ async def test_accept_goes_on_after_a_client_gave_up(tmp_path: Path, p: Pki) -> 
     async with trio.open_nursery() as nursery:
         flaky = FlakyListener(real, [errno.ECONNABORTED, errno.EPROTO, errno.EPERM])
         control = Control(Forwarding(a, Metrics()), nursery)
-        await nursery.start(control.serve_on, flaky)  # type: ignore[arg-type]
+        await nursery.start(control.serve_on, flaky)
         assert await raw_ask(path, b'{"op": "list"}\n') == {"ok": True, "result": []}
         assert flaky.errnos == []
         nursery.cancel_scope.cancel()

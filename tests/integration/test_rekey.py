@@ -183,7 +183,9 @@ async def test_continue_over_plaintext_is_refused(tmp_path: Path, p: Pki, caplog
     a, b = rekeying_pair(tmp_path, p)
     port, tcp_port = b.listen[0].port, free_port()
     b_text = (tmp_path / "hvB.toml").read_text()
-    b_text = b_text.replace(f'listen = ["127.0.0.1:{port}"]', f'listen = ["127.0.0.1:{port}", "tcp://127.0.0.1:{tcp_port}"]')
+    b_text = b_text.replace(
+        f'listen = ["127.0.0.1:{port}"]', f'listen = ["127.0.0.1:{port}", "tcp://127.0.0.1:{tcp_port}"]'
+    )
     (tmp_path / "hvB.toml").write_text(b_text.replace("[peers.hvA]\n", "[peers.hvA]\ninsecure = true\n"))
     b = config.load(tmp_path / "hvB.toml")
     async with running(a, b) as (_, rb), trio.open_nursery() as servers:

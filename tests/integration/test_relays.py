@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from relay.core import config
-from relay.core.config import PeerConfig
+from relay.core.config import Address, Config, PeerConfig, Transport
 from relay.core.errors import STATUS_BAD_REQUEST, STATUS_FORBIDDEN, STATUS_UNSUPPORTED_VERSION, RemoteError
 from relay.core.overlay import DEFAULT_CHANNELS
 from relay.core.protocol import REQUEST_FIXED, ReplyReader, Request, encode_request
@@ -33,7 +33,7 @@ TRANSPORTS = ["tls", "unix", "tcp"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: str) -> None:
+async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: Transport) -> None:
     a, b = pair_configs(tmp_path, p, transport)
     size = 96 << 20
     async with running(a, b) as (ra, rb):
@@ -323,7 +323,8 @@ async def test_tls_sessions_are_resumed(tmp_path: Path, p: Pki) -> None:
 
 async def test_one_relay_listens_on_every_transport_at_once(tmp_path: Path, p: Pki) -> None:
     """hvB serves a TLS port, a unix socket and a plaintext port together; three hvA relays use one each."""
-    sources, listeners = [], []
+    sources: list[Config] = []
+    listeners: list[Address] = []
     for kind in ("tls", "unix", "tcp"):
         a, b = loopback.pair(tmp_path, p.dir, kind)
         sources.append(dataclasses.replace(a, socket_dir=tmp_path / f"hvA-{kind}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,8 +23,8 @@ def patient_autojump() -> trio.abc.Clock:
     return trio.testing.MockClock(autojump_threshold=0.05)
 
 
-async def ask(path: Path, op: str, **args: str) -> object:
-    return await trio.to_thread.run_sync(lambda: request(path, op, **args))
+async def ask(path: Path, op: str, **args: str) -> Any:
+    return await trio.to_thread.run_sync(lambda: request(path, op, 10.0, **args))
 
 
 async def test_session_open_stream_close(tmp_path: Path, p: Pki) -> None:
@@ -41,7 +42,7 @@ async def test_session_open_stream_close(tmp_path: Path, p: Pki) -> None:
         labels = {"peer": "hvB", "channel": "migration", "direction": "tx"}
         await eventually(lambda: counted(ra, "migrelay_bytes_total", **labels) == 3 << 20)
         listed = await ask(a.control_path, "list")
-        assert [s["id"] for s in listed] == [sid]  # type: ignore[union-attr]
+        assert [s["id"] for s in listed] == [sid]
         await ask(a.control_path, "close", id=sid)
         await eventually(lambda: not (tmp_path / f"hvA/hvB/hvA_{sid}-migration.sock").exists())
         assert not (tmp_path / f"hvA/hvB/hvA_{sid}-nbd.sock").exists()

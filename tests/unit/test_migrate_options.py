@@ -26,9 +26,15 @@ def test_defaults_are_p2p_live_through_the_session() -> None:
 
 def test_every_option_maps() -> None:
     options = MigrateOptions(
-        copy_storage_all=True, migrate_disks=("vda", "vdb"), parallel=4, postcopy=True, persistent=True,
-        undefinesource=True, bandwidth_mib_s=100, tls=True,
-    )  # fmt: skip
+        copy_storage_all=True,
+        migrate_disks=("vda", "vdb"),
+        parallel=4,
+        postcopy=True,
+        persistent=True,
+        undefinesource=True,
+        bandwidth_mib_s=100,
+        tls=True,
+    )
     flags, params = flags_and_params(libvirt, options, SESSION)
     for flag in ("NON_SHARED_DISK", "PARALLEL", "POSTCOPY", "PERSIST_DEST", "UNDEFINE_SOURCE", "TLS", "LIVE"):
         assert flags & getattr(libvirt, f"VIR_MIGRATE_{flag}"), flag

@@ -163,7 +163,7 @@ def test_feeding_after_completion_is_a_bug() -> None:
 
 
 names = st.text(
-    alphabet=st.characters(min_codepoint=1, max_codepoint=0x10FFFF, exclude_categories=("Cs",)), min_size=1
+    alphabet=st.characters(min_codepoint=1, max_codepoint=0x10FFFF, exclude_categories=["Cs"]), min_size=1
 ).filter(lambda s: len(s.encode()) <= 255)
 hosts = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 

@@ -28,15 +28,18 @@ def socat_tls(root: Path) -> Setup:
     entry, sink, port = root / "socat-tls-in.sock", root / "socat-tls-sink.sock", free_port()
     b = ["-b", str(SOCAT_BUFFER_BYTES)]
     server = [
-        "socat", *b,
+        "socat",
+        *b,
         f"OPENSSL-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,cert={d}/hvB.pem,key={d}/hvB-key.pem,"
         f"cafile={d}/ca.pem,verify=1",
         f"UNIX-CONNECT:{sink}",
-    ]  # fmt: skip
+    ]
     client = [
-        "socat", *b, f"UNIX-LISTEN:{entry},fork",
+        "socat",
+        *b,
+        f"UNIX-LISTEN:{entry},fork",
         f"OPENSSL:127.0.0.1:{port},cert={d}/hvA.pem,key={d}/hvA-key.pem,cafile={d}/ca.pem,commonname=hvB",
-    ]  # fmt: skip
+    ]
     procs = [spawn(server, root / "socat-tls-b.log")]
     time.sleep(0.3)
     procs.append(spawn(client, root / "socat-tls-a.log"))
@@ -58,8 +61,11 @@ async def _migrate(setup: Setup, workdir: Path, src_ram: Path) -> dict[str, floa
         info = await src.wait_migration({"completed"}, MIGRATION_TIMEOUT_S, timed=True)
         await dst.wait_migration({"completed"}, MIGRATION_TIMEOUT_S)  # the destination has really got everything
         total_s = info["total-time"] / 1000
-        return {"total_s": total_s, "downtime_ms": float(info["downtime"]),
-                "mbps": info["ram"]["transferred"] / total_s / 1e6}  # fmt: skip
+        return {
+            "total_s": total_s,
+            "downtime_ms": float(info["downtime"]),
+            "mbps": info["ram"]["transferred"] / total_s / 1e6,
+        }
     finally:
         await src.stop()
         await dst.stop()

@@ -149,8 +149,9 @@ def throughput(setup: Setup, streams: int, total_bytes: int, rep: int) -> Sample
     watcher = threading.Thread(target=sample_rss, daemon=True)
     cpu0 = cpu_seconds(setup.procs)
     watcher.start()
-    out = subprocess.run([*LOAD, "source", str(setup.entry), str(streams), str(per_stream)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [*LOAD, "source", str(setup.entry), str(streams), str(per_stream)], capture_output=True, text=True, timeout=600
+    )
     done.set()
     watcher.join()
     time.sleep(0.2)  # let forked children (socat) be reaped into cutime
@@ -162,27 +163,40 @@ def throughput(setup: Setup, streams: int, total_bytes: int, rep: int) -> Sample
     rates = [r["bytes"] / (r["end"] - r["start"]) for r in results]
     moved = per_stream * streams
     return Sample(
-        setup.name, f"streams={streams}", rep, mbps=moved / wall / 1e6,
+        setup.name,
+        f"streams={streams}",
+        rep,
+        mbps=moved / wall / 1e6,
         cpu_s_per_gb=cpu / (moved / 1e9) if setup.procs else None,
-        fairness=min(rates) / max(rates), rss_mib=peak[0] if setup.procs else None,
-    )  # fmt: skip
+        fairness=min(rates) / max(rates),
+        rss_mib=peak[0] if setup.procs else None,
+    )
 
 
 def round_trip(setup: Setup, count: int, rep: int) -> Sample:
-    out = subprocess.run([*LOAD, "pingpong", str(setup.entry), str(count)], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    out = subprocess.run([*LOAD, "pingpong", str(setup.entry), str(count)], capture_output=True, text=True, timeout=600)
     rtts = sorted(_lines(out.stdout)[0]["rtts"])
-    return Sample(setup.name, "rtt", rep, rtt_p50_us=rtts[len(rtts) // 2] * 1e6,
-                  rtt_p99_us=rtts[int(len(rtts) * 0.99)] * 1e6)  # fmt: skip
+    return Sample(
+        setup.name, "rtt", rep, rtt_p50_us=rtts[len(rtts) // 2] * 1e6, rtt_p99_us=rtts[int(len(rtts) * 0.99)] * 1e6
+    )
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }  # fmt: skip
+    }
 
 
 def run(
@@ -261,8 +275,9 @@ def run_flood(report: Report, reps: int, total_bytes: int, progress: Callable[[i
                 report.samples.append(quiet)
                 attack = subprocess.Popen(
                     [sys.executable, "-m", "relay.tools.bench.flood", host, str(port), str(FLOOD_CONNECTIONS), "3600"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 try:
                     time.sleep(FLOOD_WARMUP_S)  # the flood is in place: held, trickling, reopening
                     flooded = throughput(setup, 1, total_bytes, rep)
@@ -297,8 +312,9 @@ def target_rows(report: Report) -> list[tuple[str, str, float | None, str, bool 
         rows.append((figure, setup, value, goal, ok))
     rss = [s.rss_mib for s in report.samples if s.setup.startswith("migrelay") and s.test == "streams=16" and s.rss_mib]
     if rss:
-        rows.append(("relay RSS with 16 streams, MiB", "migrelay-*", max(rss), f"<= {RSS_LIMIT_MIB}",
-                     max(rss) <= RSS_LIMIT_MIB))  # fmt: skip
+        rows.append(
+            ("relay RSS with 16 streams, MiB", "migrelay-*", max(rss), f"<= {RSS_LIMIT_MIB}", max(rss) <= RSS_LIMIT_MIB)
+        )
     flooded = report.values(FLOODED, "flood", "rss_mib")
     if flooded:
         rows.append(("relay RSS beside 2000 slow conns, MiB", FLOODED, max(flooded), "(reported)", None))

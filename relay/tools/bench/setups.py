@@ -157,9 +157,14 @@ def migrelay(root: Path, transport: Transport) -> Setup:
     wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
     wait_for(base / "hvB" / "control.sock", procs, name)
     listen = config.load(b_conf).listen[0]
-    return Setup(name, "tls" if transport == "tls" else "plain", base / "hvA/hvB/bench.sock",
-                 base / "hvB/hvB/bench.sock", procs,
-                 (listen.host, listen.port) if listen.kind != "unix" else None)  # fmt: skip
+    return Setup(
+        name,
+        "tls" if transport == "tls" else "plain",
+        base / "hvA/hvB/bench.sock",
+        base / "hvB/hvB/bench.sock",
+        procs,
+        (listen.host, listen.port) if listen.kind != "unix" else None,
+    )
 
 
 def missing_tools() -> list[str]:
@@ -167,9 +172,16 @@ def missing_tools() -> list[str]:
 
 
 ALL: Final = (
-    "direct", "socat-tcp", "socat-unix", "stunnel", "haproxy-tls", "haproxy-tcp",
-    "migrelay-tls", "migrelay-tcp", "migrelay-unix",
-)  # fmt: skip
+    "direct",
+    "socat-tcp",
+    "socat-unix",
+    "stunnel",
+    "haproxy-tls",
+    "haproxy-tcp",
+    "migrelay-tls",
+    "migrelay-tcp",
+    "migrelay-unix",
+)
 
 
 def start(name: str, root: Path) -> Setup:
