@@ -153,11 +153,10 @@ def _tune_unix(sock: trio.socket.SocketType) -> None:
     (the legs to a local QEMU or libvirt, and the unix peer transport).
 
     A unix stream socket is writable again only when less than a quarter of its send
-    buffer is queued: ~52 KiB by default, which a destination QEMU loading pages at
-    700 MB/s drains in 75 us, less than one relay wakeup. SO_SNDBUFFORCE (root)
-    goes past net.core.wmem_max; without the privilege, SO_SNDBUF gets what the
-    limit allows. Measured in bench/README.md: a real migration through a TLS pair went
-    from 0.86-1.03x to 1.18-1.40x socat-TLS's MB/s.
+    buffer is queued: a quarter of the default is less than a destination QEMU drains in
+    one relay wakeup. SO_SNDBUFFORCE (root) goes past net.core.wmem_max; without the
+    privilege, SO_SNDBUF gets what the limit allows. What it buys a real migration is
+    measured in bench/README.md ("Local unix legs: send buffer depth").
     """
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, UNIX_SEND_BUFFER_BYTES)

@@ -215,9 +215,9 @@ def _fix_mmap_threshold() -> None:
 
     glibc mmaps such a buffer and gives it back to the kernel when freed, but after the
     first free it raises its threshold (up to 32 MiB) and serves later ones from the
-    heap, which thousands of streams of all sizes fragment: in the soak a relay's RSS
-    climbed from ~70 to ~97 MiB over four minutes before it settled; with the threshold
-    fixed it stayed at 64-70 MiB. A no-op where the C library is not glibc.
+    heap, which thousands of streams of all sizes fragment: RSS climbs for minutes under
+    churn before it settles (bench/README.md, "Memory under churn"). A no-op where the
+    C library is not glibc.
     """
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

@@ -138,12 +138,12 @@ class TlsConn:
     """pyOpenSSL over a non-blocking socket (a socket BIO), driven by trio's readiness waits.
 
     Records are decrypted straight into the pump's buffer and a whole chunk is
-    encrypted and written per SSL_write (tls_fastpath.py). Four designs were measured in
-    same-run A/B benches (bench/README.md): this one, memory BIOs through pyOpenSSL's
-    public API (bio_read allocates and copies twice), memory BIOs with zero-copy calls
-    (no faster, 13 MiB more RSS with 16 streams) and the stdlib's ssl.SSLObject (it
-    links Debian's OpenSSL 3.0, whose AES-GCM runs at 40% of the speed of the OpenSSL
-    in cryptography's wheel). A socket BIO also keeps kernel TLS possible.
+    encrypted and written per SSL_write (tls_fastpath.py). Four designs were measured
+    side by side (bench/README.md, "TLS designs measured"): this one, memory BIOs through
+    pyOpenSSL's public API (bio_read allocates and copies twice), memory BIOs with
+    zero-copy calls, and the stdlib's ssl.SSLObject (it links Debian's OpenSSL, slower at
+    AES-GCM than the one in cryptography's wheel). A socket BIO also keeps kernel TLS
+    possible.
 
     Reads and writes run in two tasks (one per direction); an SSL_read may need to
     write (a TLS 1.3 key-update reply) and, in theory, an SSL_write may need to

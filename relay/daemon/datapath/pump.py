@@ -1,10 +1,10 @@
-"""The pumps: move bytes one way, src -> dst, until src ends; and the two-way relay.
+"""The pumps: move bytes one way, src -> dst, until src ends; and bridge(), both ways.
 
-Three interchangeable variants behind one signature, `pump(src, dst, meter)`:
+Two interchangeable pumps behind one signature, `pump(src, dst, meter)`:
 - `splice_pump`: plaintext to plaintext, zero-copy through a pipe (splice(2));
 - `copy_pump`: anything to anything through one preallocated buffer
   (used whenever one side is TLS, and as the portable fallback).
-`relay` picks the variant per direction and runs both directions.
+`bridge` picks the pump per direction and runs both directions.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import trio
 from relay.core.errors import RemoteError
 from relay.daemon.datapath.conn import Conn, StreamTruncated
 
-# 256 KiB rather than 1 MiB: in five interleaved same-run A/B rounds (bench/README.md)
-# it gave 0.89-1.21x socat's MB/s on the tcp pair (1 MiB: 0.77-0.92x) and 0.91-0.96x on
-# the unix pair (0.84-0.87x), at less CPU per GB; 64 KiB was clearly worse. What a pipe
-# holds should stay in cache between the splice in and the splice out.
+# 256 KiB, chosen against 64 KiB and 1 MiB by measurement (bench/README.md, "Plaintext
+# legs"): what a pipe holds should stay in cache between the splice in and the splice out.
 PIPE_SIZE_BYTES: Final = 256 * 1024
 # A pump that never has to wait still lets other streams run once it has moved this much
 # since it last yielded. Not after every round: small messages (the libvirt RPC channel)
