@@ -108,8 +108,8 @@ class Forwarding:
     def next_stream_id(self) -> int:
         return next(self._ids)
 
-    def count(self, peer: str, name: str, result: Result) -> None:
-        self.metrics.connections.labels(peer, self.channel_label(peer, name), result).inc()
+    def count(self, peer: str, socket_name: str, result: Result) -> None:
+        self.metrics.connections.labels(peer, self.channel_label(peer, socket_name), result).inc()
 
     def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
         self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
@@ -125,11 +125,11 @@ class Forwarding:
         gid = self._socket_gid
         return gid is not None and _in_group(uid, gid)
 
-    def channel_label(self, peer: str, name: str) -> str:
+    def channel_label(self, peer: str, socket_name: str) -> str:
         """Bounded label values: names a peer invents do not create new series."""
         known = self.config.peers.get(peer)
-        if known is not None and channel_of(name) in known.channels:
-            return metric_channel(name)
+        if known is not None and channel_of(socket_name) in known.channels:
+            return metric_channel(socket_name)
         return "other"
 
 
@@ -190,10 +190,10 @@ async def read_header(conn: Conn, reader: HeaderReader[T]) -> T:
 async def _pump(
     ctx: Forwarding,
     peer: str,
-    name: str,
+    socket_name: str,
     local: Conn,
     remote: Conn,
-    stream: str,
+    label: str,
     slot: Slot,
     activity: Activity | None = None,
 ) -> None:
@@ -202,21 +202,21 @@ async def _pump(
     The stream's admission slot is released when it ends, however it ends.
     """
     with slot, contained("stream", ctx.metrics.internal_errors, local, remote):
-        await _pump_counted(ctx, peer, name, local, remote, stream, activity)
+        await _pump_counted(ctx, peer, socket_name, local, remote, label, activity)
 
 
 async def _pump_counted(
     ctx: Forwarding,
     peer: str,
-    name: str,
+    socket_name: str,
     local: Conn,
     remote: Conn,
-    stream: str,
+    label: str,
     activity: Activity | None,
 ) -> None:
     if activity is not None:
         activity.active += 1
-    channel = ctx.channel_label(peer, name)
+    channel = ctx.channel_label(peer, socket_name)
     counter = ctx.metrics.bytes
     tx = Meter(counter.labels(peer, channel, "tx").inc)
     rx = Meter(counter.labels(peer, channel, "rx").inc)
@@ -232,10 +232,10 @@ async def _pump_counted(
     except* (StreamBroken, OSError) as group:
         # StreamBroken from the pumps, or the ACK watchdog's OSError (it aborted both ends)
         why = "; ".join(e.strerror if isinstance(e, OSError) and e.strerror else str(e) for e in group.exceptions)
-        log.warning("%s: broken after tx %d rx %d bytes: %s", stream, tx.total, rx.total, why)
+        log.warning("%s: broken after tx %d rx %d bytes: %s", label, tx.total, rx.total, why)
         ctx.metrics.streams_closed.labels(peer, channel, "failed").inc()
     else:
-        log.info("%s: closed, tx %d rx %d bytes", stream, tx.total, rx.total)
+        log.info("%s: closed, tx %d rx %d bytes", label, tx.total, rx.total)
         ctx.metrics.streams_closed.labels(peer, channel, "ok").inc()
     finally:
         active.dec()
@@ -248,7 +248,7 @@ async def _pump_counted(
 # --- outbound: source side ----------------------------------------------------------
 
 
-async def open_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int) -> Conn:
+async def open_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str, stream_id: int) -> Conn:
     """Dial `peer`, authenticate it, ask for `name`; return the accepted connection.
 
     Raises Refused (the peer said no), PeerUnavailable or OSError (could not reach it),
@@ -267,7 +267,7 @@ async def open_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id:
             conn = await _start_tls(ctx, peer, raw)
         else:
             conn = PlainConn(raw)
-        await conn.send_all(memoryview(encode_request(Request(ctx.config.name, name, stream_id))))
+        await conn.send_all(memoryview(encode_request(Request(ctx.config.name, socket_name, stream_id))))
         reply = await read_header(conn, ReplyReader())
         if not reply.ok:
             raise Refused(reply.status, reply.reason)
@@ -286,7 +286,7 @@ async def accept_outbound_loop(
     ctx: Forwarding,
     listener: trio.socket.SocketType,
     peer: PeerConfig,
-    name: str,
+    socket_name: str,
     streams: trio.Nursery,
     activity: Activity | None = None,
 ) -> None:
@@ -301,14 +301,14 @@ async def accept_outbound_loop(
         if activity is not None:
             activity.touch()
         with contained("overlay-client", ctx.metrics.internal_errors, client):
-            await _forward(ctx, client, peer, name, streams, activity)
+            await _forward(ctx, client, peer, socket_name, streams, activity)
 
 
 async def _forward(
     ctx: Forwarding,
     client: trio.socket.SocketType,
     peer: PeerConfig,
-    name: str,
+    socket_name: str,
     streams: trio.Nursery,
     activity: Activity | None,
 ) -> None:
@@ -316,40 +316,40 @@ async def _forward(
     try:
         slot = ctx.admission.stream_slot(peer.name)
     except OverLimit:
-        ctx.count(peer.name, name, "refused")
+        ctx.count(peer.name, socket_name, "refused")
         client.close()
         return
     with contextlib.ExitStack() as until_handed_over:
         until_handed_over.callback(slot.release)
         stream_id = ctx.next_stream_id()
-        stream = f"{ctx.config.name}->{peer.name} #{stream_id} {name}"
+        label = f"{ctx.config.name}->{peer.name} #{stream_id} {socket_name}"
         try:
             with trio.fail_after(ctx.config.handshake_timeout_s):
-                remote = await open_outbound(ctx, peer, name, stream_id)
+                remote = await open_outbound(ctx, peer, socket_name, stream_id)
         except Refused as e:
-            log.warning("%s: refused by %s: %s", stream, peer.name, printable(str(e)))
-            ctx.count(peer.name, name, "refused")
+            log.warning("%s: refused by %s: %s", label, peer.name, printable(str(e)))
+            ctx.count(peer.name, socket_name, "refused")
             client.close()
             return
         except (RemoteError, OSError, trio.TooSlowError) as e:
             reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
-            log.warning("%s: failed: %s", stream, reason)
-            ctx.count(peer.name, name, "failed")
+            log.warning("%s: failed: %s", label, reason)
+            ctx.count(peer.name, socket_name, "failed")
             client.close()
             return
         try:
             local = PlainConn(client)
         except OSError as e:  # no fd left for its duplicate
-            log.warning("%s: failed: %s", stream, e.strerror)
-            ctx.count(peer.name, name, "failed")
+            log.warning("%s: failed: %s", label, e.strerror)
+            ctx.count(peer.name, socket_name, "failed")
             client.close()
             remote.abort()
             return
-        ctx.count(peer.name, name, "ok")
-        log.info("%s: open", stream)
-        remote = _rekeying(ctx, peer, name, stream_id, remote, stream)
+        ctx.count(peer.name, socket_name, "ok")
+        log.info("%s: open", label)
+        remote = _rekeying(ctx, peer, socket_name, stream_id, remote, label)
         until_handed_over.pop_all()  # the pump task releases the slot
-        streams.start_soon(_pump, ctx, peer.name, name, local, remote, stream, slot, activity)
+        streams.start_soon(_pump, ctx, peer.name, socket_name, local, remote, label, slot, activity)
 
 
 # --- inbound: destination side -------------------------------------------------------
@@ -371,20 +371,20 @@ def _identify(ctx: Forwarding, kind: Transport, request: Request | Continue, cer
     return peer
 
 
-async def _open_target(ctx: Forwarding, name: str) -> trio.socket.SocketType:
+async def _open_target(ctx: Forwarding, socket_name: str) -> trio.socket.SocketType:
     """Connect the local end for `name`; Refused if it is not there (the reason names no path)."""
-    if name == LIBVIRT_CHANNEL:
+    if socket_name == LIBVIRT_CHANNEL:
         assert ctx.config.libvirt is not None
         path = ctx.config.libvirt  # the operator's choice: connected by path
         try:
             return await net.connect_unix(str(path))
         except OSError as e:
             detail = f"cannot connect {path}: {e.strerror}"
-            raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", detail) from None
+            raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {socket_name} here", detail) from None
     try:
-        return await net.connect_beneath(peer_dir(ctx.config.socket_dir, ctx.config.name), name, ctx.may_listen)
+        return await net.connect_beneath(peer_dir(ctx.config.socket_dir, ctx.config.name), socket_name, ctx.may_listen)
     except NoTarget as e:
-        raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {name} here", str(e)) from None
+        raise Refused(STATUS_NO_TARGET, f"nothing usable listens on {socket_name} here", str(e)) from None
 
 
 async def _accept_request(
@@ -469,7 +469,7 @@ async def _serve_inbound(
                 if isinstance(request, Continue):  # not a new stream: no stream slot, no target
                     await _continue_inbound(ctx, conn, peer, request)
                     return
-                stream = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
+                label = f"{request.source}->{ctx.config.name} #{request.stream_id} {printable(request.name)}"
                 try:
                     slots.enter_context(ctx.admission.stream_slot(peer.name))
                     target = await _open_target(ctx, request.name)
@@ -515,16 +515,16 @@ async def _serve_inbound(
         try:
             local = PlainConn(target)
         except OSError as e:  # no fd left for its duplicate
-            log.warning("%s: failed: %s", stream, e.strerror)
+            log.warning("%s: failed: %s", label, e.strerror)
             ctx.count(peer.name, request.name, "failed")
             target.close()
             conn.abort()
             return
         ctx.count(peer.name, request.name, "ok")
-        log.info("%s: open", stream)
+        log.info("%s: open", label)
         # the peer's request ended exactly at the header: no payload was read early
-        with _continuable(ctx, peer.name, request, conn, stream) as chain:
-            await _pump(ctx, peer.name, request.name, local, chain, stream, Slot(slots.close))
+        with _continuable(ctx, peer.name, request, conn, label) as chain:
+            await _pump(ctx, peer.name, request.name, local, chain, label, Slot(slots.close))
 
 
 def _address(sock: trio.socket.SocketType, kind: Transport) -> str | None:
@@ -579,20 +579,20 @@ async def _start_tls(ctx: Forwarding, peer: PeerConfig, raw: trio.socket.SocketT
     return tls
 
 
-def _rekeying(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int, conn: Conn, stream: str) -> Conn:
+def _rekeying(ctx: Forwarding, peer: PeerConfig, socket_name: str, stream_id: int, conn: Conn, label: str) -> Conn:
     """The source side of a stream: over TLS, a fresh connection every [tls] rekey_after_bytes."""
     if not isinstance(conn, TlsConn):
         return conn  # unix and tcp peers: no keys to wear out
 
     async def dial() -> TlsConn:
-        return await continue_outbound(ctx, peer, name, stream_id)
+        return await continue_outbound(ctx, peer, socket_name, stream_id)
 
     def count(result: str) -> None:
         ctx.metrics.tls_rekeys.labels("client", result).inc()
 
     return RekeyConn(
         conn,
-        label=stream,
+        label=label,
         switch_timeout_s=ctx.config.handshake_timeout_s,
         dial=dial,
         rekey_after_bytes=ctx.config.rekey_after_bytes,
@@ -600,7 +600,7 @@ def _rekeying(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int, conn
     )
 
 
-async def continue_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream_id: int) -> TlsConn:
+async def continue_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str, stream_id: int) -> TlsConn:
     """A fresh TLS connection to `peer` that carries our stream `stream_id` from now on.
 
     Raises SwitchDeclined if the peer certainly did not take it: it could not be asked, or
@@ -614,7 +614,7 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream
         with trio.fail_after(ctx.config.handshake_timeout_s):
             raw = await net.dial(peer.address, ctx.config.liveness)
             conn = await _start_tls(ctx, peer, raw)
-            await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, name, stream_id))))
+            await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, socket_name, stream_id))))
             # a failed send_all left at most part of the request's one record: nothing a peer acts on
             asked = True
             reply = await read_header(conn, ReplyReader())
@@ -644,7 +644,7 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, name: str, stream
 
 
 @contextlib.contextmanager
-def _continuable(ctx: Forwarding, peer: str, request: Request, conn: Conn, stream: str) -> Iterator[Conn]:
+def _continuable(ctx: Forwarding, peer: str, request: Request, conn: Conn, label: str) -> Iterator[Conn]:
     """The destination side of a stream: over TLS, its source may move it onto fresh connections."""
     if not isinstance(conn, TlsConn):
         yield conn
@@ -653,12 +653,12 @@ def _continuable(ctx: Forwarding, peer: str, request: Request, conn: Conn, strea
     def count(result: str) -> None:
         ctx.metrics.tls_rekeys.labels("server", result).inc()
 
-    chain = RekeyConn(conn, label=stream, switch_timeout_s=ctx.config.handshake_timeout_s, count=count)
+    chain = RekeyConn(conn, label=label, switch_timeout_s=ctx.config.handshake_timeout_s, count=count)
     key = (peer, request.stream_id)
     if key in ctx.live_streams:
         # the source restarted and reused an id (ids start at random: rare) while its old
         # stream here has not ended yet; only the new one can still be continued
-        log.warning("%s: replaces a live stream with the same id", stream)
+        log.warning("%s: replaces a live stream with the same id", label)
     entry = ctx.live_streams[key] = (request.name, chain)
     try:
         yield chain

@@ -15,6 +15,7 @@ import os
 import pwd
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,35 +87,56 @@ def bound_socket(path: Path, owner: pwd.struct_passwd | None = None) -> socket.s
     return sock
 
 
-@pytest.mark.parametrize("case", ["hard link to the control socket", "hard link", "another user's socket", "symlink"])
+def hard_link_to_the_control_socket(tmp_path: Path, b: config.Config, target: Path) -> list[socket.socket]:
+    os.link(b.control_path, target)
+    return []
+
+
+def hard_link_to_another_socket(tmp_path: Path, b: config.Config, target: Path) -> list[socket.socket]:
+    elsewhere = bound_socket(tmp_path / "system-bus.sock")
+    os.link(tmp_path / "system-bus.sock", target)
+    return [elsewhere]
+
+
+def another_users_socket(tmp_path: Path, b: config.Config, target: Path) -> list[socket.socket]:
+    return [bound_socket(target, OUTSIDER)]
+
+
+def symlink_to_another_socket(tmp_path: Path, b: config.Config, target: Path) -> list[socket.socket]:
+    elsewhere = bound_socket(tmp_path / "elsewhere.sock")
+    os.symlink(tmp_path / "elsewhere.sock", target)
+    return [elsewhere]
+
+
+@pytest.mark.parametrize(
+    ("plant", "logged"),
+    [
+        (hard_link_to_the_control_socket, "has 2 links"),
+        (hard_link_to_another_socket, "has 2 links"),
+        (another_users_socket, f"belongs to uid {OUTSIDER.pw_uid}, who may not listen there"),
+        (symlink_to_another_socket, "is a symlink"),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else "",
+)
 async def test_a_target_no_legitimate_listener_put_there_is_refused(
-    tmp_path: Path, p: Pki, case: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    p: Pki,
+    plant: Callable[[Path, config.Config, Path], list[socket.socket]],
+    logged: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     pair_configs(tmp_path, p, "tls")
     a = config.load(tmp_path / "hvA.toml")
     b = with_socket_group(tmp_path, "hvB")
     target = tmp_path / "hvB/hvB/migration.sock"
     async with running(a, b):
-        if case == "hard link to the control socket":
-            os.link(b.control_path, target)
-            expected = "has 2 links"
-        elif case == "hard link":
-            elsewhere = bound_socket(tmp_path / "system-bus.sock")
-            os.link(tmp_path / "system-bus.sock", target)
-            expected = "has 2 links"
-        elif case == "another user's socket":
-            elsewhere = bound_socket(target, OUTSIDER)
-            expected = f"belongs to uid {OUTSIDER.pw_uid}, who may not listen there"
-        else:
-            elsewhere = bound_socket(tmp_path / "elsewhere.sock")
-            os.symlink(tmp_path / "elsewhere.sock", target)
-            expected = "is a symlink"
+        planted = plant(tmp_path, b, target)
         status, reason = await ask_as_hva(b, p, "migration.sock")
         # the peer learns that it cannot have it, not why nor where
         assert (status, reason) == (STATUS_NO_TARGET, "nothing usable listens on migration.sock here")
-        assert any(f"{target} {expected}" in r.getMessage() for r in caplog.records)
-        if case != "hard link to the control socket":
-            elsewhere.close()
+        assert any(f"{target} {logged}" in r.getMessage() for r in caplog.records)
+        for sock in planted:
+            sock.close()
 
 
 async def test_a_socket_of_a_socket_group_member_is_served(tmp_path: Path, p: Pki) -> None:
