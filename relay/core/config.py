@@ -179,6 +179,8 @@ class Config:
     libvirt_group: str | None = None  # group that may use <peer>/libvirt.sock (root libvirt there); None: root
     control: Path | None = None  # None: <socket_dir>/control.sock
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
+    # SELinux context of the overlay sockets a local QEMU connects to (daemon/selinux.py); None: the default
+    socket_context: str | None = None
     liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_ack_timeout_s
     tls: TlsFiles | None = None
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES  # [tls]; only the TLS transport uses it
@@ -223,6 +225,7 @@ class Config:
             *([f"libvirt_group = {q(self.libvirt_group)}"] if self.libvirt_group is not None else []),
             f"control = {q(str(self.control_path))}",
             f"session_idle_s = {self.session_idle_s}",
+            *([f"socket_context = {q(self.socket_context)}"] if self.socket_context is not None else []),
             *_liveness_toml(self.liveness),
         ]
         if self.tls is not None:
@@ -362,6 +365,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     control_text = relay.string("control")
     control = _resolve(control_text, base) if control_text else None
     session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
+    socket_context = _socket_context(relay)
     liveness = _parse_liveness(relay)
     mode_text = relay.string("socket_mode", oct(DEFAULT_SOCKET_MODE)[2:])
     assert mode_text is not None
@@ -417,6 +421,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         libvirt_group=libvirt_group,
         control=control,
         session_idle_s=session_idle,
+        socket_context=socket_context,
         liveness=liveness,
         tls=tls,
         rekey_after_bytes=rekey_after,
@@ -439,6 +444,23 @@ def _group(section: _Section, key: str) -> str | None:
         except KeyError:
             raise ConfigError(f"[{section.where}] {key}: no group {group!r} on this host") from None
     return group
+
+
+def _socket_context(section: _Section) -> str | None:
+    """[relay] socket_context: only its shape here; whether this host can use it is the daemon's to find out.
+
+    The kernel is the judge of a context (is SELinux on, does the loaded policy know it),
+    so this catches only what no kernel would take: a value that is not USER:ROLE:TYPE[:LEVEL].
+    """
+    context = section.string("socket_context")
+    if context is not None:
+        parts = context.split(":")
+        if len(parts) < 3 or not all(parts[:3]) or not context.isprintable() or any(c.isspace() for c in context):
+            raise ConfigError(
+                f"[{section.where}] socket_context: {context!r} is not an SELinux context like "
+                '"system_u:object_r:svirt_socket_t:s0" (USER:ROLE:TYPE:LEVEL)'
+            )
+    return context
 
 
 def _check_unix_paths(config: Config) -> None:

@@ -46,6 +46,7 @@ from relay.core.errors import ControlError, LocalError
 from relay.core.overlay import LIBVIRT_CHANNEL, SESSION_ID_CHARS, peer_dir, session_name, unix_path_problem
 from relay.daemon import net
 from relay.daemon.forward import Activity, Forwarding, accept_outbound_loop
+from relay.daemon.selinux import SocketLabel
 
 log = logging.getLogger("migrelay.control")
 
@@ -99,10 +100,12 @@ class Control:
         streams: trio.Nursery,
         started: float | None = None,
         session_ids: Callable[[], str] = new_session_id,
+        overlay_label: SocketLabel | None = None,
     ) -> None:
         self.ctx = ctx
         self.streams = streams
         self.session_ids = session_ids  # a parameter so that tests can know a session's paths in advance
+        self.overlay_label = overlay_label  # [relay] socket_context: the local QEMU connects to session sockets
         self.sessions: dict[str, Session] = {}
         self.started = started if started is not None else time.time()
         self._nursery: trio.Nursery | None = None
@@ -139,7 +142,8 @@ class Control:
                 name = session_name(cfg.name, session_id, channel)
                 if (problem := unix_path_problem(folder / name)) is not None:
                     raise ControlError(f"session socket path {problem}")  # config load checks this too
-                listeners.append((await net.listen_unix(folder / name, cfg.socket_mode, cfg.socket_gid), name))
+                sock = await net.listen_unix(folder / name, cfg.socket_mode, cfg.socket_gid, self.overlay_label)
+                listeners.append((sock, name))
                 sockets[channel] = folder / name
         except BaseException:
             for sock, _ in listeners:

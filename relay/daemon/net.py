@@ -17,6 +17,7 @@ import trio
 from relay.core.config import Address, Liveness
 from relay.core.errors import LocalError, NoTarget
 from relay.daemon.guard import RateLimitedLog
+from relay.daemon.selinux import SocketLabel
 
 log = logging.getLogger("migrelay.net")
 _capacity_log = RateLimitedLog(log)
@@ -191,9 +192,16 @@ def remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-async def listen_unix(path: Path, mode: int, gid: int | None = None) -> trio.socket.SocketType:
+async def listen_unix(
+    path: Path, mode: int, gid: int | None = None, label: SocketLabel | None = None
+) -> trio.socket.SocketType:
+    """Listen on `path`; `label` (sockets a confined QEMU connects to) gives the socket its SELinux context."""
     remove_stale_socket(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if label is None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        with label.creating():  # no await inside: the label is the thread's, for whatever it creates
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
         if gid is not None:

@@ -30,6 +30,7 @@ from relay.daemon import net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
+from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.systemd import Notifier, inherited_sockets
 from relay.daemon.tlsconfig import client_context, load_identity, server_context
 
@@ -56,12 +57,23 @@ class Daemon:
     control: Control | None = None
     context: Forwarding | None = None  # set by run(): what its connections share
     session_ids: Callable[[], str] = new_session_id
+    labeler: SocketLabeler = field(default_factory=LibSelinux)  # used only with [relay] socket_context
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
         self._stop.set()
+
+    @property
+    def overlay_label(self) -> SocketLabel | None:
+        """The SELinux label of the sockets a local QEMU connects to: overlay channels and sessions.
+
+        Not libvirt.sock (libvirtd connects there, not QEMU), the peer listeners or the
+        control socket: a confined QEMU must not be allowed to reach those.
+        """
+        context = self.config.socket_context
+        return None if context is None else SocketLabel(self.labeler, context)
 
     def _context(self) -> Forwarding:
         ctx = Forwarding(self.config, self.metrics, allow_splice=self.allow_splice)
@@ -84,6 +96,9 @@ class Daemon:
     ) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:
         """Create the overlay folders and bind every listener (or raise LocalError)."""
         cfg = self.config
+        label = self.overlay_label
+        if label is not None:
+            label.check()  # no SELinux, or a context the kernel refuses: one line now, not at a migration
         cfg.socket_dir.mkdir(parents=True, exist_ok=True)
         own = peer_dir(cfg.socket_dir, cfg.name)
         own.mkdir(mode=DIR_MODE, exist_ok=True)
@@ -117,7 +132,7 @@ class Daemon:
                     mode = ROOT_ONLY_MODE if libvirt_gid is None else GROUP_ONLY_MODE
                     sock = await net.listen_unix(path, mode, libvirt_gid)
                 else:
-                    sock = await net.listen_unix(path, cfg.socket_mode, gid)
+                    sock = await net.listen_unix(path, cfg.socket_mode, gid, label)
                 outbound.append((sock, peer.name, name))
                 self._socket_files.append(path)
         return inbound, outbound
@@ -135,7 +150,7 @@ class Daemon:
                     for sock, peer_name, name in outbound:
                         peer = self.config.peers[peer_name]
                         accepting.start_soon(accept_outbound_loop, ctx, sock, peer, name, streams)
-                    self.control = Control(ctx, streams, session_ids=self.session_ids)
+                    self.control = Control(ctx, streams, session_ids=self.session_ids, overlay_label=self.overlay_label)
                     await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)

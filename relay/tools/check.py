@@ -9,11 +9,12 @@ from typing import Final, Literal
 import trio
 
 from relay.core.config import Config, PeerConfig
-from relay.core.errors import PkiError
+from relay.core.errors import LocalError, PkiError
 from relay.daemon import net
 from relay.daemon.datapath import TlsConn
 from relay.daemon.forward import Forwarding
 from relay.daemon.metrics import Metrics
+from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.tlsconfig import client_context, load_identity, peer_cert_names
 
 EXPIRY_WARNING_DAYS: Final = 30
@@ -53,6 +54,18 @@ def check_certificates(config: Config, now: dt.datetime | None = None) -> list[F
     return findings
 
 
+def check_socket_context(config: Config, labeler: SocketLabeler) -> list[Finding]:
+    """[relay] socket_context: can this host create sockets with it (as `serve` does at start)?"""
+    if config.socket_context is None:
+        return []
+    try:
+        SocketLabel(labeler, config.socket_context).check()
+    except LocalError as e:
+        return [Finding("error", str(e))]
+    # `check` may run in another SELinux domain than the service: the service's start is the last word
+    return [Finding("ok", f"[relay] socket_context {config.socket_context}: the kernel takes it for new sockets")]
+
+
 async def check_peer(ctx: Forwarding, peer: PeerConfig) -> Finding:
     """Reach the peer and, for TLS, complete a handshake and check the name; send no request."""
     if peer.address is None:
@@ -84,12 +97,17 @@ async def check_peer(ctx: Forwarding, peer: PeerConfig) -> Finding:
     return Finding("ok", f"peer {peer.name} at {peer.address}: {version} mutual auth ok, certificate names {peer.name}")
 
 
-async def run_check(config: Config) -> list[Finding]:
+async def run_check(config: Config, labeler: SocketLabeler | None = None) -> list[Finding]:
+    """Every finding for this config, in order; `labeler` stands in for libselinux in tests."""
     where = config.source or "(inline)"
-    findings = [Finding("ok", f"config {where}: relay {config.name}, {len(config.peers)} peer(s)")]
-    findings += check_certificates(config)
-    if any(f.level == "error" for f in findings):
-        return findings
+    certificates = check_certificates(config)
+    findings = [
+        Finding("ok", f"config {where}: relay {config.name}, {len(config.peers)} peer(s)"),
+        *certificates,
+        *check_socket_context(config, labeler or LibSelinux()),
+    ]
+    if any(f.level == "error" for f in certificates):
+        return findings  # no handshake can succeed
     ctx = Forwarding(config, metrics=Metrics())
     if config.tls is not None:
         ctx.client_tls = client_context(config.tls)
@@ -98,6 +116,6 @@ async def run_check(config: Config) -> list[Finding]:
     return findings
 
 
-def check(config: Config) -> list[Finding]:
+def check(config: Config, labeler: SocketLabeler | None = None) -> list[Finding]:
     """`migrelay check`: every finding for this config, in order."""
-    return trio.run(run_check, config)
+    return trio.run(run_check, config, labeler)

@@ -52,6 +52,22 @@ def test_serve_refuses_bad_certificates(tmp_path: Path, broken: str) -> None:
     one_line_error(migrelay("serve", "--config", str(cfg)), expected)
 
 
+@pytest.mark.skipif(Path("/sys/fs/selinux/enforce").exists(), reason="this host has SELinux")
+def test_socket_context_on_a_host_without_selinux(tmp_path: Path) -> None:
+    """[relay] socket_context is for SELinux hosts: here `serve` refuses to start, `check` says why."""
+    p = make_pki(tmp_path)
+    pair_configs(tmp_path, p, "unix")
+    cfg = tmp_path / "hvA.toml"
+    cfg.write_text(
+        cfg.read_text().replace("[relay]\n", '[relay]\nsocket_context = "system_u:object_r:svirt_socket_t:s0"\n')
+    )
+    reason = "[relay] socket_context is set, but SELinux is not enabled on this host; remove the key"
+    one_line_error(migrelay("serve", "--config", str(cfg)), reason)
+    assert not (tmp_path / "hvA").exists()  # it stopped before it made anything
+    checked = migrelay("check", "--config", str(cfg))
+    assert checked.returncode == 1 and f"error: {reason}" in checked.stdout.splitlines(), checked.stdout
+
+
 def test_check_reports_each_finding(tmp_path: Path) -> None:
     p = make_pki(tmp_path)
     pair_configs(tmp_path, p, "tls")

@@ -109,6 +109,10 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         (f"{TLS}rekey_after_bytes = true\n", r"\[tls\] rekey_after_bytes: expected a whole number, got bool"),
         (f"{TLS}rekey_after_bytes = 1048575\n", r"rekey_after_bytes: must be 1048576-137438953472, got 1048575"),
         (f"{TLS}rekey_after_bytes = 137438953473\n", r"rekey_after_bytes: must be 1048576-137438953472"),
+        ('[relay]\nname = "a"\nsocket_context = "svirt_socket_t"\n', r"\[relay\] socket_context: 'svirt_socket_t'"),
+        ('[relay]\nname = "a"\nsocket_context = "u::t:s0"\n', r"\[relay\] socket_context: 'u::t:s0' is not"),
+        ('[relay]\nname = "a"\nsocket_context = "u:r:t :s0"\n', r"\[relay\] socket_context: 'u:r:t :s0' is not"),
+        ('[relay]\nname = "a"\nsocket_context = 1\n', r"\[relay\] socket_context: expected a string"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -162,6 +166,16 @@ def test_dead_peer_detection_keys(tmp_path: Path) -> None:
     printed = cfg.as_toml()
     assert "tcp_keepalive_idle_s = 7\n" in printed and "tcp_ack_timeout_s = 12.5\n" in printed
     assert load(tmp_path, printed).liveness == cfg.liveness
+
+
+def test_socket_context(tmp_path: Path) -> None:
+    """Off unless set; shown by `check --print`; the kernel, not the config, judges the value."""
+    assert load(tmp_path, FULL).socket_context is None
+    assert "socket_context" not in load(tmp_path, FULL).as_toml()
+    context = "system_u:object_r:svirt_socket_t:s0:c1,c2"
+    cfg = load(tmp_path, FULL.replace("[tls]", f'socket_context = "{context}"\n\n[tls]'))
+    assert cfg.socket_context == context
+    assert load(tmp_path, cfg.as_toml()).socket_context == context
 
 
 def test_socket_group(tmp_path: Path) -> None:
