@@ -31,6 +31,8 @@ class Qemu:
     incoming: bool = False
     disk: Path | None = None
     paused: bool = True  # started with -S: "cont" makes the guest run
+    # runs QEMU elsewhere, e.g. nsenter into a pod's mount namespace; it must exec QEMU (the pid is QEMU's)
+    argv_prefix: tuple[str, ...] = ()
     proc: asyncio.subprocess.Process | None = None
     qmp: Any = None
     statuses: list[str] = field(default_factory=list)  # every migration status seen, in order
@@ -84,7 +86,9 @@ class Qemu:
             ]
         if self.incoming:
             args += ["-incoming", "defer"]
-        self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv_prefix, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self.qmp = QMPClient(self.name)
         for _ in range(200):
             if self.qmp_path.exists():
