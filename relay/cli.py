@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     control_options(st)
 
+    r = sub.add_parser(
+        "reload", help="make the running relay re-read its config and certificates (as SIGHUP); says how it went"
+    )
+    control_options(r)
+
     m = sub.add_parser("migrate", help="live-migrate a libvirt domain to PEER through a fresh relay session")
     m.add_argument("domain")
     m.add_argument("peer")
@@ -184,6 +189,14 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reload(args: argparse.Namespace) -> int:
+    from relay.tools.control_client import request
+
+    result = request(_control_path(args), "reload")
+    print(f"reloaded: {result['reloaded']}")
+    return EXIT_OK
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from relay.tools.migrate import MigrateOptions, migrate
 
@@ -224,6 +237,7 @@ COMMANDS = {
     "pki": _pki,
     "session": _session,
     "status": _status,
+    "reload": _reload,
     "migrate": _migrate,
     "bench": _bench,
     "demo": _demo,

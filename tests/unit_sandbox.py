@@ -93,6 +93,7 @@ APPLIED = {
 }
 NOT_APPLIED = {
     "Type": "the test waits for READY=1 on its own NOTIFY_SOCKET",
+    "ExecReload": "a control-socket client, not the daemon; the reload tests send SIGHUP or run it themselves",
     "NotifyAccess": "only the main process notifies; it is the exec'd daemon",
     "KillSignal": "the test sends it",
     "TimeoutStopSec": "the test's stop wait is shorter",

@@ -2,6 +2,7 @@
 
     request  {"op": "open", "peer": "hv2"}\\n     {"op": "close", "id": "1f2e3d4c"}\\n
              {"op": "list"}\\n                     {"op": "status"}\\n
+             {"op": "reload"}\\n
     answer   {"ok": true, "result": ...}\\n  or  {"ok": false, "error": "one line"}\\n
 
 One request per connection; bytes after its newline are ignored. A client that half-closes
@@ -30,7 +31,7 @@ MAX_NESTING: Final = 32
 MAX_ERROR_CHARS: Final = 1000
 _SHOWN_CHARS: Final = 60
 
-OPS: Final = ("open", "close", "list", "status")
+OPS: Final = ("open", "close", "list", "status", "reload")
 
 
 class BadControlRequest(ControlError):
@@ -57,10 +58,21 @@ class GetStatus:
     pass
 
 
-ControlRequest = OpenSession | CloseSession | ListSessions | GetStatus
+@dataclass(frozen=True)
+class Reload:
+    """Re-read the config and certificates, as SIGHUP does, and answer how it went."""
+
+
+ControlRequest = OpenSession | CloseSession | ListSessions | GetStatus | Reload
 
 # The keys each op takes besides "op" (all strings); anything else is refused, as in the config.
-_KEYS: Final[dict[str, tuple[str, ...]]] = {"open": ("peer",), "close": ("id",), "list": (), "status": ()}
+_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "open": ("peer",),
+    "close": ("id",),
+    "list": (),
+    "status": (),
+    "reload": (),
+}
 
 
 def _show(value: object) -> str:
@@ -135,6 +147,8 @@ def parse_request(line: bytes) -> ControlRequest:
         return OpenSession(_string(request, "peer"))
     if op == "close":
         return CloseSession(_string(request, "id"))
+    if op == "reload":
+        return Reload()
     return ListSessions() if op == "list" else GetStatus()
 
 
@@ -144,6 +158,8 @@ def encode_request(request: ControlRequest) -> bytes:
         fields = {"op": "open", "peer": request.peer}
     elif isinstance(request, CloseSession):
         fields = {"op": "close", "id": request.id}
+    elif isinstance(request, Reload):
+        fields = {"op": "reload"}
     else:
         fields = {"op": "list" if isinstance(request, ListSessions) else "status"}
     return json.dumps(fields).encode() + b"\n"

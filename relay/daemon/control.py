@@ -1,4 +1,4 @@
-"""The control socket: sessions and status, for `migrelay session|status|migrate`.
+"""The control socket: sessions, status and reload, for `migrelay session|status|migrate|reload`.
 
 A session is a fresh set of overlay listeners for one migration to one peer,
 `<socket_dir>/<peer>/<self>_<id>-migration.sock` and `..._<id>-nbd.sock`, so that concurrent
@@ -25,19 +25,21 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, assert_never
 
 import trio
 
+from relay.core.config import PeerConfig
 from relay.core.control_protocol import (
     CloseSession,
     ControlRequest,
     GetStatus,
     ListSessions,
     OpenSession,
+    Reload,
     RequestReader,
     encode_error,
     encode_result,
@@ -46,6 +48,7 @@ from relay.core.errors import ControlError, LocalError
 from relay.core.overlay import LIBVIRT_CHANNEL, SESSION_ID_CHARS, peer_dir, session_name, unix_path_problem
 from relay.daemon import net
 from relay.daemon.forward import Activity, Forwarding, accept_outbound_loop
+from relay.daemon.reload import ReloadFailed
 from relay.daemon.selinux import SocketLabel
 
 log = logging.getLogger("migrelay.control")
@@ -100,11 +103,13 @@ class Control:
         streams: trio.Nursery,
         started: float | None = None,
         session_ids: Callable[[], str] = new_session_id,
+        reload: Callable[[], Awaitable[str]] | None = None,
         overlay_label: SocketLabel | None = None,
     ) -> None:
         self.ctx = ctx
         self.streams = streams
         self.session_ids = session_ids  # a parameter so that tests can know a session's paths in advance
+        self.reload = reload  # the daemon's reload (`migrelay reload`); it answers with what changed
         self.overlay_label = overlay_label  # [relay] socket_context: the local QEMU connects to session sockets
         self.sessions: dict[str, Session] = {}
         self.started = started if started is not None else time.time()
@@ -154,7 +159,7 @@ class Control:
         libvirt = folder / LIBVIRT_CHANNEL if LIBVIRT_CHANNEL in peer.channels else None
         session = Session(session_id, peer.name, sockets, libvirt, Activity())
         self.sessions[session_id] = session
-        self._nursery.start_soon(self._run_session, session, listeners)
+        self._nursery.start_soon(self._run_session, session, peer, listeners)
         log.info("session %s to %s opened: %s", session_id, peer.name, ", ".join(map(str, sockets.values())))
         return session
 
@@ -163,6 +168,13 @@ class Control:
         if session is None:
             raise ControlError(f"no session {session_id!r}")
         session.scope.cancel()
+
+    def close_sessions_of(self, peer: str) -> int:
+        """Close every session to `peer` (a reload removed it); their running streams go on, as on close."""
+        doomed = [s for s in self.sessions.values() if s.peer == peer]
+        for session in doomed:
+            session.scope.cancel()
+        return len(doomed)
 
     def status(self) -> dict[str, Any]:
         cfg = self.ctx.config
@@ -185,8 +197,11 @@ class Control:
 
     # --- tasks ----------------------------------------------------------------------
 
-    async def _run_session(self, session: Session, listeners: list[tuple[trio.socket.SocketType, str]]) -> None:
-        peer = self.ctx.config.peers[session.peer]
+    async def _run_session(
+        self, session: Session, peer: PeerConfig, listeners: list[tuple[trio.socket.SocketType, str]]
+    ) -> None:
+        # `peer` as open() found it: a reload may remove it before this task first runs (and then
+        # cancels session.scope); each accepted client is sent to the peer as configured by then
         try:
             # every listener is closed and every socket file removed, even if removing one fails
             with contextlib.ExitStack() as cleanup:
@@ -270,6 +285,8 @@ class Control:
             if request is None:
                 return None
             result = await self._dispatch(request)
+        except ReloadFailed as e:  # the reload logged its one line already
+            return encode_error(f"reload failed, still serving the previous configuration: {e}")
         except ControlError as e:  # a bad request, or one that cannot be done
             log.info("control: request refused: %s", e)
             return encode_error(str(e))
@@ -288,6 +305,10 @@ class Control:
             return [s.describe() for s in self.sessions.values()]
         if isinstance(request, GetStatus):
             return self.status()
+        if isinstance(request, Reload):
+            if self.reload is None:
+                raise ControlError("this relay cannot reload (not started by `migrelay serve`)")
+            return {"reloaded": await self.reload()}
         assert_never(request)
 
 

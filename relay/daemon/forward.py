@@ -105,6 +105,25 @@ class Forwarding:
         # resolved once: an NSS lookup (LDAP, sssd) per stream could stall every stream
         self._socket_gid = self.config.socket_gid
 
+    def reconfigure(self, config: Config, server_tls: SSL.Context | None, client_tls: SSL.Context | None) -> None:
+        """Take a reloaded configuration (relay/daemon/reload.py): new connections use it at once.
+
+        Streams in flight keep what they started with. The tickets cached from peers go with
+        the old client context: resuming one would skip checking that peer's certificate
+        against the new CA bundle (and CRL), and pyOpenSSL refuses a session made by another
+        context anyway (ValueError: the stream would fail).
+        """
+        self.config = config
+        self.server_tls, self.client_tls = server_tls, client_tls
+        self.tls_tickets.clear()
+        self.admission.limits = config.limits  # the counts held carry on under the new caps
+
+    def keep_ticket(self, peer: str, ssl: SSL.Connection) -> None:
+        """Cache `peer`'s ticket for the next connection, unless a reload came while this one shook hands."""
+        session = ssl.get_session()
+        if session is not None and ssl.get_context() is self.client_tls:
+            self.tls_tickets[peer] = session
+
     def next_stream_id(self) -> int:
         return next(self._ids)
 
@@ -271,8 +290,8 @@ async def open_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str, str
         reply = await read_header(conn, ReplyReader())
         if not reply.ok:
             raise Refused(reply.status, reply.reason)
-        if isinstance(conn, TlsConn) and (session := conn.ssl.get_session()) is not None:
-            ctx.tls_tickets[peer.name] = session
+        if isinstance(conn, TlsConn):
+            ctx.keep_ticket(peer.name, conn.ssl)
         return conn
     except BaseException:
         if conn is not None:
@@ -300,8 +319,10 @@ async def accept_outbound_loop(
         client = await net.accept(listener)
         if activity is not None:
             activity.touch()
+        # the peer as configured now: a reload may have changed its address since this loop began
+        current = ctx.config.peers.get(peer.name, peer)
         with contained("overlay-client", ctx.metrics.internal_errors, client):
-            await _forward(ctx, client, peer, socket_name, streams, activity)
+            await _forward(ctx, client, current, socket_name, streams, activity)
 
 
 async def _forward(
@@ -638,8 +659,7 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str,
     if not reply.ok:
         raw.close()
         raise SwitchDeclined(f"{peer.name} refused: {printable(reply.reason)}", refused=True)
-    if (session := conn.ssl.get_session()) is not None:
-        ctx.tls_tickets[peer.name] = session
+    ctx.keep_ticket(peer.name, conn.ssl)
     return conn
 
 

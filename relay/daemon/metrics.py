@@ -76,6 +76,17 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "migrelay_reloads",
+            "Reloads (SIGHUP, systemctl reload, migrelay reload) that took effect.",
+            registry=self.registry,
+        )
+        self.reload_failures = Counter(
+            "migrelay_reload_failures",
+            "Reloads refused (a bad config or certificate, a key that needs a restart): the relay kept serving its "
+            "previous configuration; the log line says why.",
+            registry=self.registry,
+        )
         self.streams_closed = Counter(
             "migrelay_streams_closed",
             "Forwarded connections that ended after carrying bytes: result ok (clean end) or failed (aborted).",

@@ -1,4 +1,4 @@
-"""The daemon: bind everything, accept, and shut down in two steps.
+"""The daemon: bind everything, accept, reload, and shut down in two steps.
 
 Nursery layout (every task has an owner):
 
@@ -7,32 +7,40 @@ Nursery layout (every task has an owner):
         └── accept nursery       accept loops, metrics endpoint, watchdog
 On stop: the accept nursery is cancelled (no new connections, listeners closed),
 then in-flight streams get `drain_timeout_s` before they are cancelled too.
+On reload (SIGHUP, or `migrelay reload` on the control socket; relay/daemon/reload.py):
+the new config and TLS files are loaded and checked in a thread, the overlay listeners of
+added peers and channels are bound, and only then, with no await in between, the new
+configuration is swapped in, removed peers' overlay listeners are closed and their
+sessions ended. Streams in flight are not touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 import trio
 
-from relay.core.config import Address, Config
+from relay.core.config import Address, Config, PeerConfig
 from relay.core.errors import InternalError, LocalError, printable
 from relay.core.overlay import LIBVIRT_CHANNEL, peer_dir
 from relay.daemon import net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
+from relay.daemon.reload import Material, ReloadFailed, describe, load_material, prepare
 from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.systemd import Notifier, inherited_sockets
-from relay.daemon.tlsconfig import client_context, load_identity, server_context
 
 log = logging.getLogger("migrelay.server")
 
@@ -48,6 +56,23 @@ ROOT_ONLY_MODE = 0o600
 GROUP_ONLY_MODE = 0o660
 
 
+@dataclass(eq=False)
+class _Overlay:
+    """One overlay listener, `<socket_dir>/<peer>/<channel>`: its socket, its file and its accept loop."""
+
+    peer: str
+    channel: str
+    sock: trio.socket.SocketType
+    path: Path
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def close(self) -> None:
+        """Stop accepting and remove the file, so new clients fail at once; its streams go on."""
+        self.scope.cancel()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class Daemon:
     config: Config
@@ -60,6 +85,15 @@ class Daemon:
     labeler: SocketLabeler = field(default_factory=LibSelinux)  # used only with [relay] socket_context
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
+    _overlay: dict[tuple[str, str], _Overlay] = field(default_factory=dict)  # (peer, channel) ->
+    # set by run() once everything is bound: what a reload needs
+    _material: Material | None = None
+    _accepting: trio.Nursery | None = None
+    _streams: trio.Nursery | None = None
+    _notifier: Notifier | None = None
+    _gids: tuple[int | None, int | None] = (None, None)  # socket_group, libvirt_group: resolved once
+    _ready: bool = False  # systemd has heard READY=1 (a reload before it would tell systemd too early)
+    _reloading: trio.Lock = field(default_factory=trio.Lock)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
@@ -75,26 +109,13 @@ class Daemon:
         context = self.config.socket_context
         return None if context is None else SocketLabel(self.labeler, context)
 
-    def _context(self) -> Forwarding:
+    def _context(self, material: Material) -> Forwarding:
         ctx = Forwarding(self.config, self.metrics, allow_splice=self.allow_splice)
-        tls = self.config.tls
-        if self.config.needs_tls() and tls is not None:
-            identity = load_identity(tls)
-            if self.config.name not in identity.names:
-                log.warning(
-                    "[tls] cert %s names %s, not this relay (%s): peers will refuse it",
-                    tls.cert,
-                    ", ".join(sorted(identity.names)),
-                    self.config.name,
-                )
-            ctx.server_tls = server_context(tls)
-            ctx.client_tls = client_context(tls)
+        ctx.server_tls, ctx.client_tls = material.server_tls, material.client_tls
         return ctx
 
-    async def _bind(
-        self,
-    ) -> tuple[list[tuple[trio.socket.SocketType, Address]], list[tuple[trio.socket.SocketType, str, str]]]:
-        """Create the overlay folders and bind every listener (or raise LocalError)."""
+    async def _bind(self) -> list[tuple[trio.socket.SocketType, Address]]:
+        """Create the overlay folders and bind the peer listeners (or raise LocalError)."""
         cfg = self.config
         label = self.overlay_label
         if label is not None:
@@ -102,7 +123,9 @@ class Daemon:
         cfg.socket_dir.mkdir(parents=True, exist_ok=True)
         own = peer_dir(cfg.socket_dir, cfg.name)
         own.mkdir(mode=DIR_MODE, exist_ok=True)
+        # group lookups may go to LDAP or sssd: done once (both groups need a restart to change)
         gid = cfg.socket_gid
+        self._gids = (gid, cfg.libvirt_gid)
         if gid is not None:
             # the local hypervisor (e.g. QEMU as libvirt-qemu) creates its listening sockets here
             os.chown(own, -1, gid)
@@ -121,36 +144,69 @@ class Daemon:
         if inherited:
             names = ", ".join(str(s.getsockname()) for s in inherited)
             raise LocalError(f"systemd passed socket(s) {names} that no [relay] listen entry names")
-        outbound = []
-        for peer in cfg.peers.values():
-            folder = peer_dir(cfg.socket_dir, peer.name)
-            folder.mkdir(mode=DIR_MODE, exist_ok=True)
-            for name in peer.channels:
+        return inbound
+
+    async def _bind_overlay(self, cfg: Config, wanted: Iterable[tuple[PeerConfig, str]]) -> list[_Overlay]:
+        """Bind `<socket_dir>/<peer>/<channel>` for each wanted pair; all of them, or none (LocalError)."""
+        socket_gid, libvirt_gid = self._gids
+        bound: list[_Overlay] = []
+        try:
+            for peer, name in wanted:
+                folder = peer_dir(cfg.socket_dir, peer.name)
+                try:
+                    folder.mkdir(mode=DIR_MODE, exist_ok=True)
+                except OSError as e:
+                    raise LocalError(f"cannot create {folder}: {e.strerror or e}") from None
                 path = folder / name
                 if name == LIBVIRT_CHANNEL:
-                    libvirt_gid = cfg.libvirt_gid
                     mode = ROOT_ONLY_MODE if libvirt_gid is None else GROUP_ONLY_MODE
                     sock = await net.listen_unix(path, mode, libvirt_gid)
                 else:
-                    sock = await net.listen_unix(path, cfg.socket_mode, gid, label)
-                outbound.append((sock, peer.name, name))
-                self._socket_files.append(path)
-        return inbound, outbound
+                    sock = await net.listen_unix(path, cfg.socket_mode, socket_gid, self.overlay_label)
+                bound.append(_Overlay(peer.name, name, sock, path))
+        except BaseException:
+            for overlay in bound:
+                overlay.close()
+            raise
+        return bound
+
+    def _start_overlay(self, overlay: _Overlay) -> None:
+        assert self._accepting is not None
+        self._overlay[overlay.peer, overlay.channel] = overlay
+        self._accepting.start_soon(self._serve_overlay, overlay)
+
+    async def _serve_overlay(self, overlay: _Overlay) -> None:
+        assert self.context is not None and self._streams is not None
+        peer = self.config.peers.get(overlay.peer)
+        if peer is None:
+            return  # a reload removed it (and closed its socket) before this task first ran
+        with overlay.scope:
+            await accept_outbound_loop(self.context, overlay.sock, peer, overlay.channel, self._streams)
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop() (or cancellation); readiness is reported once everything is bound."""
-        self.context = ctx = self._context()
-        notifier = Notifier(self.env)
+        self._material = load_material(self.config)
+        self.context = ctx = self._context(self._material)
+        self._notifier = notifier = Notifier(self.env)
         try:
             async with trio.open_nursery() as streams:
                 async with trio.open_nursery() as accepting:
-                    inbound, outbound = await self._bind()
+                    inbound = await self._bind()
+                    wanted = [(peer, name) for peer in self.config.peers.values() for name in peer.channels]
+                    overlay = await self._bind_overlay(self.config, wanted)
+                    self._accepting, self._streams = accepting, streams
                     for sock, address in inbound:
                         accepting.start_soon(accept_inbound_loop, ctx, sock, address.kind, streams)
-                    for sock, peer_name, name in outbound:
-                        peer = self.config.peers[peer_name]
-                        accepting.start_soon(accept_outbound_loop, ctx, sock, peer, name, streams)
-                    self.control = Control(ctx, streams, session_ids=self.session_ids, overlay_label=self.overlay_label)
+                    for listener in overlay:
+                        self._start_overlay(listener)
+                    by_control = functools.partial(self.reload, "migrelay reload")
+                    self.control = Control(
+                        ctx,
+                        streams,
+                        session_ids=self.session_ids,
+                        reload=by_control,
+                        overlay_label=self.overlay_label,
+                    )
                     await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
@@ -159,38 +215,120 @@ class Daemon:
                         "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
                         self.config.name,
                         len(inbound),
-                        len(outbound),
+                        len(overlay),
                         self.config.socket_dir,
                     )
-                    notifier.notify("READY=1", f"STATUS=serving {len(outbound)} overlay sockets")
+                    notifier.notify("READY=1", self._status())
+                    self._ready = True
                     task_status.started(self)
                     await self._stop.wait()
                     accepting.cancel_scope.cancel()
                     for sock, _ in inbound:
                         sock.close()
-                    for sock, _, _ in outbound:
-                        sock.close()
+                    self._close_overlay()
                     self._remove_socket_files()  # new clients fail at once instead of queueing
                 notifier.notify("STOPPING=1", "STATUS=draining")
                 log.info("stopped accepting; draining streams for up to %.0fs", self.config.drain_timeout_s)
                 streams.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout_s
         finally:
+            self._close_overlay()
             self._remove_socket_files()
             notifier.close()
+
+    def _status(self, note: str = "") -> str:
+        return f"STATUS=serving {len(self._overlay)} overlay sockets{note}"
+
+    def _close_overlay(self) -> None:
+        for overlay in self._overlay.values():
+            overlay.close()
+        self._overlay.clear()
 
     def _remove_socket_files(self) -> None:
         for path in self._socket_files:
             path.unlink(missing_ok=True)
         self._socket_files.clear()
 
+    # --- reload -------------------------------------------------------------------------
+
+    async def reload(self, trigger: str = "reload") -> str:
+        """Re-read the config file and its TLS files; swap them in if all of it is good.
+
+        Returns what changed; raises ReloadFailed (logged and counted here) and keeps the
+        running configuration otherwise. systemd hears RELOADING=1 before and READY=1 after,
+        whichever way it went. One reload at a time: a second waits for the first.
+        """
+        async with self._reloading:
+            if not self._ready or self._stop.is_set():
+                self.metrics.reload_failures.inc()
+                log.error("reload (%s) refused: the relay is still starting, or stopping", trigger)
+                raise ReloadFailed("the relay is still starting, or stopping")
+            # sd_notify(3): MONOTONIC_USEC is CLOCK_MONOTONIC, in microseconds
+            self._notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            try:
+                summary = await self._reload()
+            except ReloadFailed as e:
+                failure = e
+                log.error("reload (%s) failed, still serving the previous configuration: %s", trigger, e)
+            except Exception:
+                # a bug: its traceback, the counts, and the relay goes on with what it has
+                log.exception("reload (%s) failed on an internal error", trigger)
+                self.metrics.internal_errors.labels("reload").inc()
+                failure = ReloadFailed("internal error (the relay's log has the details)")
+            else:
+                # counted and logged before READY=1: whoever waits for it finds the outcome
+                self.metrics.reloads.inc()
+                log.info("reloaded %s (%s): %s", self.config.source, trigger, summary)
+                self._notify("READY=1", self._status())
+                return summary
+            self.metrics.reload_failures.inc()
+            self._notify("READY=1", self._status(f"; the last reload failed: {failure}"))
+            raise failure
+
+    def _notify(self, *lines: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(*lines)
+
+    async def _reload(self) -> str:
+        old, ctx, control = self._material, self.context, self.control
+        assert old is not None and ctx is not None and control is not None  # set before READY=1
+        # blocking file reads and NSS lookups: off the thread that runs the streams
+        new = await trio.to_thread.run_sync(prepare, self.config)
+        cfg = new.config
+        wanted = {(peer.name, name): peer for peer in cfg.peers.values() for name in peer.channels}
+        missing = [(peer, name) for (_, name), peer in wanted.items() if (peer.name, name) not in self._overlay]
+        try:
+            added = await self._bind_overlay(cfg, missing)
+        except LocalError as e:
+            raise ReloadFailed(str(e)) from None
+        if self._stop.is_set():
+            for overlay in added:
+                overlay.close()
+            raise ReloadFailed("the relay began to stop")
+        # The swap. Nothing below awaits: no connection sees half of it.
+        ctx.reconfigure(cfg, new.server_tls, new.client_tls)
+        self.config, self._material = cfg, new
+        for key in [key for key in self._overlay if key not in wanted]:
+            self._overlay.pop(key).close()  # the removed peer's own folder stays, as on stop
+        for overlay in added:
+            self._start_overlay(overlay)
+        closed = sum(control.close_sessions_of(name) for name in old.config.peers.keys() - cfg.peers.keys())
+        return describe(old, new, closed)
+
 
 async def run_until_signalled(relay: Daemon) -> None:
-    """Run a relay in the foreground: SIGTERM/SIGINT start a graceful stop."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run a relay in the foreground: SIGTERM/SIGINT start a graceful stop, SIGHUP a reload."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+
+            async def reload() -> None:
+                with contextlib.suppress(ReloadFailed):  # reload() logged and counted it
+                    await relay.reload("SIGHUP")
 
             async def watch() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        nursery.start_soon(reload)
+                        continue
                     log.info("%s received: stopping", signal.Signals(signum).name)
                     relay.stop()
 

@@ -28,6 +28,8 @@ class ServeProcess:
     config: Path
     proc: subprocess.Popen[str]
     log: Path
+    # the NOTIFY_SOCKET every relay of one serve() shares, for what they send after READY=1
+    notify: socket.socket | None = None
 
     def output(self) -> str:
         return self.log.read_text()
@@ -60,7 +62,7 @@ def serve(
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            started.append(ServeProcess(cfg, proc, log))
+            started.append(ServeProcess(cfg, proc, log, notify))
         ready = 0
         deadline = time.monotonic() + READY_TIMEOUT_S
         while ready < len(configs):

@@ -9,7 +9,8 @@ file itself (tests/unit_sandbox.py: a mount namespace, setpriv, seccomp), with t
 the shipped config/hypervisor.toml: socket_group = "libvirt-qemu", socket_dir = /run/migrelay
 (the unit's RuntimeDirectory), a libvirt socket, metrics, the control socket. The QEMU stand-ins
 run as libvirt-qemu, as libvirt runs QEMU: the source reaches the overlay through its group, the
-destination listens in the relay's own folder on a 0660 socket of its own.
+destination listens in the relay's own folder on a 0660 socket of its own. And a relay must reload,
+on SIGHUP and through `migrelay reload` (the unit's ExecReload=), inside its sandbox.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -33,6 +35,7 @@ import trio
 
 from relay.daemon.net import free_port
 from tests.e2e.procs import need, serve
+from tests.e2e.reloading import counted, wait_for
 from tests.support import connect, listen, make_pki, recv_stream, scrape, send_stream
 from tests.unit_sandbox import Unit
 
@@ -230,6 +233,19 @@ def test_sandboxed_unit_carries_hypervisor_streams(root: Path) -> None:
             timeout=30,
         )
         assert status.returncode == 0 and "relay hvA: up" in status.stdout, status.stderr
+
+        # reloads under the sandbox (SIGHUP, and the unit's ExecReload= command): the config and
+        # certificates are read again, from inside the mount namespace, in a worker thread
+        relays[0].proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: counted(metrics_a, "migrelay_reloads_total") == 1, "hvA's reload on SIGHUP")
+        reload = subprocess.run(
+            [sys.executable, "-m", "relay", "reload", "--control", str(run_a / "control.sock")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert reload.stdout == "reloaded: config unchanged, TLS files unchanged\n", (reload, relays[0].output())
+        assert relays[0].proc.poll() is None
     # serve() sent SIGTERM (the unit's KillSignal=) and waited: a clean, complete stop
     for relay in relays:
         log = relay.output()

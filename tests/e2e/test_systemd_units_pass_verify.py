@@ -4,10 +4,11 @@ Why it matters: a unit that systemd cannot load, or that names a directive or a 
 group this systemd does not know, fails at `systemctl start` on every hypervisor. (What its
 sandbox lets the daemon do is test_sandboxed_unit_carries_hypervisor_streams.py's concern.)
 
-`verify` also checks that ExecStart's program exists. The unit names /usr/local/bin/migrelay,
-where `pip install` as root puts it on Debian; the tests run the venv's. Where it is installed
-the shipped files are verified as they are; elsewhere they must fail for that one reason only,
-and a copy whose ExecStart names the venv's migrelay, every other byte the same, must pass.
+`verify` also checks that the programs of ExecStart and ExecReload exist. The unit names
+/usr/local/bin/migrelay, where `pip install` as root puts it on Debian; the tests run the venv's.
+Where it is installed the shipped files are verified as they are; elsewhere they must fail for
+that one reason only, and a copy whose ExecStart and ExecReload name the venv's migrelay, every
+other byte the same, must pass.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ def test_shipped_units_pass_verify(tmp_path: Path) -> None:
     if os.access(program, os.X_OK):
         assert verify(*UNITS) == ""
         return
-    assert verify(*UNITS) == f"migrelay.service: Command {program} is not executable: No such file or directory"
+    # one line per command that names it (ExecStart, ExecReload), all saying the same
+    complaint = f"migrelay.service: Command {program} is not executable: No such file or directory"
+    assert set(verify(*UNITS).splitlines()) == {complaint}
     venv_program = Path(sys.executable).with_name("migrelay")
     assert os.access(venv_program, os.X_OK), f"{venv_program}: the venv's console script (make venv)"
     for unit in UNITS:
         text = unit.read_text()
         if unit == service:
-            assert text.count(f"ExecStart={program} ") == 1
-            text = text.replace(f"ExecStart={program} ", f"ExecStart={venv_program} ")
+            for directive in ("ExecStart", "ExecReload"):
+                assert text.count(f"{directive}={program} ") == 1, directive
+                text = text.replace(f"{directive}={program} ", f"{directive}={venv_program} ")
         (tmp_path / unit.name).write_text(text)
     assert verify(*sorted(tmp_path.iterdir())) == ""

@@ -178,7 +178,7 @@ BAD_REQUESTS = [
     (b"[1, 2]\n", 'a request must be a JSON object such as {"op": "list"}, not [1, 2]'),
     (b'{"peer": "hvB"}\n', "missing 'op': this op needs it"),
     (b'{"op": 7}\n', "'op' must be a non-empty string, not 7"),
-    (b'{"op": "explode"}\n', "unknown op 'explode' (open, close, list, status)"),
+    (b'{"op": "explode"}\n', "unknown op 'explode' (open, close, list, status, reload)"),
     (b'{"op": "open", "peer": 5}\n', "'peer' must be a non-empty string, not 5"),
     (b'{"op": "open", "peer": ""}\n', "'peer' must be a non-empty string, not ''"),
     (b'{"op": "open"}\n', "missing 'peer': this op needs it"),
