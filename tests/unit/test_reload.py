@@ -35,6 +35,7 @@ RESTART_CHANGES: dict[str, Any] = {
     "socket_mode": 0o600,
     "socket_group": "kvm",
     "libvirt_group": "libvirt",
+    "socket_context": "system_u:object_r:svirt_socket_t:s0",
     "metrics_listen": HostPort("127.0.0.1", 9465),
 }
 
