@@ -26,12 +26,12 @@ import trio
 from relay.core.config import Address, Config
 from relay.core.errors import InternalError, LocalError, printable
 from relay.core.overlay import LIBVIRT_CHANNEL, peer_dir
-from relay.daemon import net
+from relay.daemon import expiry, net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
 from relay.daemon.systemd import Notifier, inherited_sockets
-from relay.daemon.tlsconfig import client_context, load_identity, server_context
+from relay.daemon.tlsconfig import Identity, client_context, load_identity, server_context
 
 log = logging.getLogger("migrelay.server")
 
@@ -55,6 +55,7 @@ class Daemon:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     control: Control | None = None
     context: Forwarding | None = None  # set by run(): what its connections share
+    identity: Identity | None = None  # set with the TLS contexts: our certificate, CAs and CRLs
     session_ids: Callable[[], str] = new_session_id
     _stop: trio.Event = field(default_factory=trio.Event)
     _socket_files: list[Path] = field(default_factory=list)
@@ -67,7 +68,8 @@ class Daemon:
         ctx = Forwarding(self.config, self.metrics, allow_splice=self.allow_splice)
         tls = self.config.tls
         if self.config.needs_tls() and tls is not None:
-            identity = load_identity(tls)
+            self.identity = identity = load_identity(tls)
+            expiry.publish(self.metrics, identity)
             if self.config.name not in identity.names:
                 log.warning(
                     "[tls] cert %s names %s, not this relay (%s): peers will refuse it",
@@ -75,6 +77,8 @@ class Daemon:
                     ", ".join(sorted(identity.names)),
                     self.config.name,
                 )
+            if identity.revoked:
+                log.warning("[tls] cert %s is revoked by [tls] crl %s: peers with it refuse us", tls.cert, tls.crl)
             ctx.server_tls = server_context(tls)
             ctx.client_tls = client_context(tls)
         return ctx
@@ -140,6 +144,7 @@ class Daemon:
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
                     accepting.start_soon(notifier.watchdog)
+                    accepting.start_soon(expiry.warn_before_expiry, lambda: self.identity)
                     log.info(
                         "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
                         self.config.name,
