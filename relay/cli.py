@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", "-c", type=Path, required=True)
     c.add_argument("--print", action="store_true", help="print the effective configuration")
 
-    k = sub.add_parser("pki", help="make a CA and host certificates")
+    k = sub.add_parser("pki", help="make a CA, host certificates and the CA's CRL")
     ksub = k.add_subparsers(dest="pki_command", required=True)
     ki = ksub.add_parser("init", help="create DIR/ca.pem and DIR/ca-key.pem")
     ki.add_argument("dir", type=Path)
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--dns", action="append", default=[], help="extra DNS name (repeatable)")
     kc.add_argument("--ip", action="append", default=[], help="extra IP address (repeatable)")
     kc.add_argument("--days", type=int, default=pki.HOST_DAYS)
+    kr = ksub.add_parser("revoke", help="revoke DIR/NAME.pem: add it to DIR/crl.pem, signed by DIR's CA")
+    kr.add_argument("dir", type=Path)
+    kr.add_argument("name")
+    crl_days = f"days until the CRL's next update (default {pki.CRL_DAYS})"
+    kr.add_argument("--days", type=int, default=pki.CRL_DAYS, help=crl_days)
+    kl = ksub.add_parser("crl", help="reissue DIR/crl.pem with a fresh next update (creates an empty one)")
+    kl.add_argument("dir", type=Path)
+    kl.add_argument("--days", type=int, default=pki.CRL_DAYS, help=crl_days)
 
     def control_options(parser: argparse.ArgumentParser) -> None:
         where = parser.add_mutually_exclusive_group()
@@ -146,9 +154,20 @@ def _pki(args: argparse.Namespace) -> int:
     if args.pki_command == "init":
         path = pki.init_ca(args.dir, days=args.days)
         print(f"wrote {path} and {args.dir / 'ca-key.pem'} (0600)")
-    else:
+    elif args.pki_command == "issue":
         cert, key = pki.issue(args.dir, args.name, dns=args.dns, ips=args.ip, days=args.days)
         print(f"wrote {cert} and {key} (0600)")
+    else:
+        if args.pki_command == "revoke":
+            written = pki.revoke(args.dir, args.name, days=args.days)
+            what = "revoked" if written.newly_revoked else "was already revoked"
+            print(f"{args.name} {what}", end="; ")
+        else:
+            written = pki.reissue_crl(args.dir, days=args.days)
+        print(
+            f"wrote {written.path}: {written.revoked} revoked, next update {written.next_update:%Y-%m-%d}; "
+            "copy it to every relay's [tls] crl and reload them"
+        )
     return EXIT_OK
 
 

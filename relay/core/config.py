@@ -112,6 +112,7 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None  # PEM, one or more CRLs (one from each CA in `ca`); None: no revocation check
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ class Config:
         if self.tls is not None:
             lines += ["", "[tls]", f"ca = {q(str(self.tls.ca))}", f"cert = {q(str(self.tls.cert))}"]
             lines.append(f"key = {q(str(self.tls.key))}")
+            if self.tls.crl is not None:
+                lines.append(f"crl = {q(str(self.tls.crl))}")
             lines.append(f"rekey_after_bytes = {self.rekey_after_bytes}")
         if self.metrics_listen is not None:
             lines += ["", "[metrics]", f"listen = {q(str(self.metrics_listen))}"]
@@ -381,7 +384,9 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         section = _Section(tls_table, "tls")
         ca, cert, key = (section.string(k, required=True) for k in ("ca", "cert", "key"))
         assert ca is not None and cert is not None and key is not None
-        tls = TlsFiles(_resolve(ca, base), _resolve(cert, base), _resolve(key, base))
+        crl = section.string("crl")
+        crl_path = _resolve(crl, base) if crl else None
+        tls = TlsFiles(_resolve(ca, base), _resolve(cert, base), _resolve(key, base), crl_path)
         rekey_after = section.integer(
             "rekey_after_bytes", DEFAULT_REKEY_AFTER_BYTES, MAX_REKEY_AFTER_BYTES, MIN_REKEY_AFTER_BYTES
         )

@@ -8,7 +8,7 @@ daemon counts and logs `RemoteError` and keeps serving everyone else.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 # How much of a string someone else chose (a socket name, a refusal reason, a
 # certificate subject) reaches a log line or an error message.
@@ -110,9 +110,37 @@ class MigrationFailed(RemoteError):
     """libvirt reported the migration as failed (the guest stays on the source)."""
 
 
-class BadCertificate(RemoteError):
-    """The other side presented a certificate that passed OpenSSL but cannot be read."""
-
-
 class PeerUnavailable(RemoteError):
     """The peer relay could not be reached or failed its TLS handshake."""
+
+
+# Why a TLS peer connection failed before its peer was authenticated and identified: the
+# label values of migrelay_handshake_failures_total (README, "Revocation and expiry").
+HandshakeReason = Literal[
+    "bad_certificate", "unknown_ca", "expired", "revoked", "name_mismatch", "unknown_peer", "timeout", "protocol"
+]
+HANDSHAKE_REASONS: Final[tuple[HandshakeReason, ...]] = (
+    "bad_certificate",
+    "unknown_ca",
+    "expired",
+    "revoked",
+    "name_mismatch",
+    "unknown_peer",
+    "timeout",
+    "protocol",
+)
+
+
+class HandshakeFailed(PeerUnavailable):
+    """A TLS handshake with a peer failed, or its certificate does not name who it must; `reason` says which way."""
+
+    def __init__(self, message: str, reason: HandshakeReason) -> None:
+        super().__init__(message)
+        self.reason: HandshakeReason = reason
+
+
+class BadCertificate(HandshakeFailed):
+    """The other side presented a certificate that passed OpenSSL but cannot be read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "bad_certificate")

@@ -16,6 +16,7 @@ import functools
 import grp
 import itertools
 import logging
+import math
 import os
 import pwd
 import secrets
@@ -35,6 +36,8 @@ from relay.core.errors import (
     STATUS_OK,
     STATUS_OVER_LIMIT,
     STATUS_UNSUPPORTED_VERSION,
+    HandshakeFailed,
+    HandshakeReason,
     NoTarget,
     PeerUnavailable,
     ProtocolError,
@@ -88,7 +91,9 @@ class Forwarding:
     server_tls: SSL.Context | None = None
     client_tls: SSL.Context | None = None
     allow_splice: bool = True
-    # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake
+    # TLS 1.3 tickets from each peer, so the next connection resumes instead of a full handshake.
+    # A resumed handshake checks no certificate: whatever replaces client_tls (a reload with a
+    # new [tls] crl) must empty this too, or a revoked peer is resumed until its ticket expires.
     tls_tickets: dict[str, SSL.Session] = field(default_factory=dict)
     # Inbound TLS streams a peer may continue on a fresh connection: (peer, stream id) ->
     # (socket name, stream). Ids start at a random point, so a restarted source does not
@@ -132,6 +137,9 @@ class Forwarding:
 
     def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
         self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
+
+    def count_handshake_failure(self, reason: HandshakeReason) -> None:
+        self.metrics.handshake_failures.labels(reason).inc()
 
     def may_listen(self, uid: int) -> bool:
         """May the owner of a socket in our own overlay folder have put it there?
@@ -282,12 +290,11 @@ async def open_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str, str
         raise PeerUnavailable(f"cannot reach {peer.name} at {address}: {e.strerror or e}") from None
     conn: Conn | None = None
     try:
-        if address.kind == "tls":
-            conn = await _start_tls(ctx, peer, raw)
-        else:
-            conn = PlainConn(raw)
-        await conn.send_all(memoryview(encode_request(Request(ctx.config.name, socket_name, stream_id))))
-        reply = await read_header(conn, ReplyReader())
+        # over TLS 1.3 the peer's verdict on our certificate comes with its first bytes: the reply
+        with _handshake_counted(ctx, counted=address.kind == "tls"):
+            conn = await _start_tls(ctx, peer, raw) if address.kind == "tls" else PlainConn(raw)
+            await conn.send_all(memoryview(encode_request(Request(ctx.config.name, socket_name, stream_id))))
+            reply = await read_header(conn, ReplyReader())
         if not reply.ok:
             raise Refused(reply.status, reply.reason)
         if isinstance(conn, TlsConn):
@@ -299,6 +306,43 @@ async def open_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str, str
         else:
             raw.close()
         raise
+
+
+@contextlib.contextmanager
+def _handshake_counted(
+    ctx: Forwarding, *, counted: bool = True, not_failures: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Count a peer connection that ends inside this block, once, by why its handshake failed.
+
+    The block is a TLS connection's first steps: up to the peer's reply when dialling
+    (TLS 1.3 delivers the peer's verdict on our certificate with its first bytes), up
+    to the peer's identification when accepting. A timeout is the caller's deadline
+    (handshake_timeout_s) passing, not a shutdown's cancellation: the clock tells them
+    apart. `not_failures` end a connection without any handshake having failed.
+    """
+    deadline = trio.current_effective_deadline()  # -inf if already cancelled: then we cannot tell
+    try:
+        yield
+    except not_failures:
+        raise
+    except BaseException as e:
+        reason = _failure_reason(e, timed_out=-math.inf < deadline <= trio.current_time())
+        if counted and reason is not None:
+            ctx.count_handshake_failure(reason)
+        raise
+
+
+def _failure_reason(e: BaseException, *, timed_out: bool) -> HandshakeReason | None:
+    """How an exception from a peer connection's first steps is counted (None: not as a handshake failure)."""
+    if isinstance(e, HandshakeFailed):
+        return e.reason
+    if isinstance(e, _Answerable):
+        return e.unidentified  # a refusal fails the handshake only if we could not tell who it is
+    if isinstance(e, (RemoteError, OSError)):
+        return "protocol"  # garbage, a TLS alert, EOF or a reset mid-handshake
+    if isinstance(e, (trio.Cancelled, trio.TooSlowError)) and timed_out:
+        return "timeout"
+    return None  # a shutdown, or a bug (the connection's guard counts that)
 
 
 async def accept_outbound_loop(
@@ -382,14 +426,22 @@ def _identify(ctx: Forwarding, kind: Transport, request: Request | Continue, cer
     if kind == "tls":
         if request.source not in cert_names:
             names = printable(", ".join(sorted(cert_names)))
-            raise Refused(STATUS_FORBIDDEN, f"certificate names {names}, not {request.source}")
+            raise _Unidentified("name_mismatch", f"certificate names {names}, not {request.source}")
         if peer is None:
-            raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
+            raise _Unidentified("unknown_peer", f"{request.source} is not a configured peer of {ctx.config.name}")
     elif peer is None:
         raise Refused(STATUS_FORBIDDEN, f"{request.source} is not a configured peer of {ctx.config.name}")
     elif kind == "tcp" and not peer.insecure:
         raise Refused(STATUS_FORBIDDEN, f"{request.source} may not use plaintext tcp (set insecure = true for it)")
     return peer
+
+
+class _Unidentified(Refused):
+    """A valid certificate that does not make its holder the configured peer it says it is."""
+
+    def __init__(self, why: HandshakeReason, reason: str) -> None:
+        super().__init__(STATUS_FORBIDDEN, reason)
+        self.why: HandshakeReason = why
 
 
 async def _open_target(ctx: Forwarding, socket_name: str) -> trio.socket.SocketType:
@@ -413,46 +465,60 @@ async def _accept_request(
 ) -> tuple[Conn, PeerConfig, Request | Continue]:
     conn: Conn
     names: frozenset[str] = frozenset()
-    if kind == "tls":
-        assert ctx.server_tls is not None
-        # a silent or trickling client holds no handshake slot and no OpenSSL state, only
-        # its socket: it waits for its whole ClientHello, for handshake_timeout_s at most
-        await net.first_record(raw)
-        tls = TlsConn.server(raw, ctx.server_tls)
-        conn = tls
-        with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):
-            await tls.handshake()
-        ctx.count_handshake("server", tls)
-        names = peer_cert_names(tls.ssl)
-    else:
-        conn = PlainConn(raw)
-    try:
-        request = await read_header(conn, RequestReader())
-    except ClosedBeforeHeader:
-        raise
-    except UnsupportedVersion as e:
-        raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e))) from None
-    except ProtocolError as e:
-        raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e))) from None
-    try:
-        peer = _identify(ctx, kind, request, names)
-        # a Continue names a stream this policy admitted already (_continue_inbound)
-        reason = None
-        if isinstance(request, Request):
-            reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
+    # until the peer is identified, whatever ends the connection is a failed handshake too
+    with _handshake_counted(ctx, counted=kind == "tls", not_failures=(ClosedBeforeHeader, OverLimit)):
+        if kind == "tls":
+            assert ctx.server_tls is not None
+            # a silent or trickling client holds no handshake slot and no OpenSSL state, only
+            # its socket: it waits for its whole ClientHello, for handshake_timeout_s at most
+            await net.first_record(raw)
+            tls = TlsConn.server(raw, ctx.server_tls)
+            conn = tls
+            with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):
+                await tls.handshake()
+            ctx.count_handshake("server", tls)
+            names = peer_cert_names(tls.ssl)
+        else:
+            conn = PlainConn(raw)
+        try:
+            request = await read_header(conn, RequestReader())
+        except ClosedBeforeHeader:
+            raise
+        except UnsupportedVersion as e:
+            raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e)), unidentified="protocol") from None
+        except ProtocolError as e:
+            raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e)), unidentified="protocol") from None
+        try:
+            peer = _identify(ctx, kind, request, names)
+        except _Unidentified as e:
+            raise _Answerable(conn, e, request, unidentified=e.why) from None
+        except Refused as e:  # a plaintext listener's rules: there is no handshake to fail
+            raise _Answerable(conn, e, request) from None
+    # a Continue names a stream this policy admitted already (_continue_inbound)
+    if isinstance(request, Request):
+        reason = refusal(request.name, peer.channels, ctx.config.libvirt is not None, request.source)
         if reason is not None:
-            raise Refused(STATUS_FORBIDDEN, reason)
-    except Refused as e:
-        raise _Answerable(conn, e, request) from None
+            raise _Answerable(conn, Refused(STATUS_FORBIDDEN, reason), request)
     return conn, peer, request
 
 
 class _Answerable(Exception):
-    """A refusal we can still tell the peer about (the transport is up)."""
+    """A refusal we can still tell the peer about (the transport is up).
 
-    def __init__(self, conn: Conn, refused: Refused, request: Request | Continue | None = None) -> None:
+    `unidentified`: refused before we knew which configured peer it is, a handshake failure too.
+    """
+
+    def __init__(
+        self,
+        conn: Conn,
+        refused: Refused,
+        request: Request | Continue | None = None,
+        *,
+        unidentified: HandshakeReason | None = None,
+    ) -> None:
         super().__init__(refused.reason)
         self.conn, self.refused, self.request = conn, refused, request
+        self.unidentified = unidentified
 
 
 async def handle_inbound(
@@ -526,6 +592,8 @@ async def _serve_inbound(
         except (RemoteError, OSError, trio.TooSlowError) as e:
             # mostly before authentication, where anyone can cause it at will: throttled per kind
             kind_of = "timeout" if isinstance(e, trio.TooSlowError) else type(e).__name__
+            if isinstance(e, HandshakeFailed):
+                kind_of = e.reason  # per reason: a flood of garbage does not hide the line about a revoked peer
             reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else str(e)
             ctx.anyone_log.warning(kind_of, "failed connection from %s: %s", who, reason)
             ctx.count("unknown", "", "failed")
@@ -596,7 +664,7 @@ async def _start_tls(ctx: Forwarding, peer: PeerConfig, raw: trio.socket.SocketT
     names = peer_cert_names(tls.ssl)
     if peer.name not in names:
         named = printable(", ".join(sorted(names))) or "nothing"
-        raise PeerUnavailable(f"certificate at {peer.address} names {named}, not {peer.name}")
+        raise HandshakeFailed(f"certificate at {peer.address} names {named}, not {peer.name}", "name_mismatch")
     return tls
 
 
@@ -634,11 +702,12 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str,
     try:
         with trio.fail_after(ctx.config.handshake_timeout_s):
             raw = await net.dial(peer.address, ctx.config.liveness)
-            conn = await _start_tls(ctx, peer, raw)
-            await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, socket_name, stream_id))))
-            # a failed send_all left at most part of the request's one record: nothing a peer acts on
-            asked = True
-            reply = await read_header(conn, ReplyReader())
+            with _handshake_counted(ctx):
+                conn = await _start_tls(ctx, peer, raw)
+                await conn.send_all(memoryview(encode_request(Continue(ctx.config.name, socket_name, stream_id))))
+                # a failed send_all left at most part of the request's one record: nothing a peer acts on
+                asked = True
+                reply = await read_header(conn, ReplyReader())
     except ProtocolError as e:
         # it closed cleanly, or sent what no migrelay sends, before a whole reply: not an OK
         if raw is not None:

@@ -15,6 +15,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from relay.core.config import HostPort
+from relay.core.errors import HANDSHAKE_REASONS
 from relay.daemon.guard import contained
 
 log = logging.getLogger("migrelay.metrics")
@@ -91,6 +92,23 @@ class Metrics:
             "migrelay_streams_closed",
             "Forwarded connections that ended after carrying bytes: result ok (clean end) or failed (aborted).",
             ["peer", "channel", "result"],
+            registry=self.registry,
+        )
+        self.handshake_failures = Counter(
+            "migrelay_handshake_failures",
+            "TLS peer connections, accepted or dialled, that failed before the peer was authenticated and "
+            "identified, by reason: bad_certificate, unknown_ca, expired, revoked, name_mismatch, unknown_peer, "
+            "timeout, protocol.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in HANDSHAKE_REASONS:  # every series from the start: rate() needs a 0 before the first 1
+            self.handshake_failures.labels(reason)
+        self.certificate_expiry = Gauge(
+            "migrelay_certificate_expiry_timestamp_seconds",
+            "When this relay's certificate (cert=own) and the first of the certificates in [tls] ca (cert=ca) "
+            "expire, as a Unix time; set whenever the TLS contexts are built.",
+            ["cert"],
             registry=self.registry,
         )
 

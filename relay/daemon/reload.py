@@ -35,7 +35,7 @@ from OpenSSL import SSL
 from relay.core import config
 from relay.core.config import Config, TlsFiles
 from relay.core.errors import LocalError
-from relay.daemon.tlsconfig import client_context, load_identity, server_context
+from relay.daemon.tlsconfig import Identity, client_context, load_identity, server_context
 
 log = logging.getLogger("migrelay.reload")
 
@@ -121,6 +121,7 @@ class Material:
     server_tls: SSL.Context | None = None
     client_tls: SSL.Context | None = None
     tls_digest: bytes = b""
+    identity: Identity | None = None  # our certificate, the CAs and CRLs, as loaded
 
 
 def load_material(cfg: Config) -> Material:
@@ -140,7 +141,9 @@ def load_material(cfg: Config) -> Material:
             ", ".join(sorted(identity.names)),
             cfg.name,
         )
-    return Material(cfg, server_context(tls), client_context(tls), digest)
+    if identity.revoked:
+        log.warning("[tls] cert %s is revoked by [tls] crl %s: peers with it refuse us", tls.cert, tls.crl)
+    return Material(cfg, server_context(tls), client_context(tls), digest, identity)
 
 
 def prepare(current: Config) -> Material:

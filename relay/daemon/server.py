@@ -34,13 +34,14 @@ import trio
 from relay.core.config import Address, Config, PeerConfig
 from relay.core.errors import InternalError, LocalError, printable
 from relay.core.overlay import LIBVIRT_CHANNEL, peer_dir
-from relay.daemon import net
+from relay.daemon import expiry, net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
 from relay.daemon.reload import Material, ReloadFailed, describe, load_material, prepare
 from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.systemd import Notifier, inherited_sockets
+from relay.daemon.tlsconfig import Identity
 
 log = logging.getLogger("migrelay.server")
 
@@ -81,6 +82,7 @@ class Daemon:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     control: Control | None = None
     context: Forwarding | None = None  # set by run(): what its connections share
+    identity: Identity | None = None  # set with the TLS contexts: our certificate, CAs and CRLs
     session_ids: Callable[[], str] = new_session_id
     labeler: SocketLabeler = field(default_factory=LibSelinux)  # used only with [relay] socket_context
     _stop: trio.Event = field(default_factory=trio.Event)
@@ -109,9 +111,16 @@ class Daemon:
         context = self.config.socket_context
         return None if context is None else SocketLabel(self.labeler, context)
 
+    def _adopt_identity(self, material: Material) -> None:
+        """The certificates now in use: for the expiry gauge and the daily warning."""
+        self.identity = material.identity
+        if material.identity is not None:
+            expiry.publish(self.metrics, material.identity)
+
     def _context(self, material: Material) -> Forwarding:
         ctx = Forwarding(self.config, self.metrics, allow_splice=self.allow_splice)
         ctx.server_tls, ctx.client_tls = material.server_tls, material.client_tls
+        self._adopt_identity(material)
         return ctx
 
     async def _bind(self) -> list[tuple[trio.socket.SocketType, Address]]:
@@ -211,6 +220,7 @@ class Daemon:
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
                     accepting.start_soon(notifier.watchdog)
+                    accepting.start_soon(expiry.warn_before_expiry, lambda: self.identity)
                     log.info(
                         "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
                         self.config.name,
@@ -307,6 +317,7 @@ class Daemon:
         # The swap. Nothing below awaits: no connection sees half of it.
         ctx.reconfigure(cfg, new.server_tls, new.client_tls)
         self.config, self._material = cfg, new
+        self._adopt_identity(new)
         for key in [key for key in self._overlay if key not in wanted]:
             self._overlay.pop(key).close()  # the removed peer's own folder stays, as on stop
         for overlay in added:

@@ -1,16 +1,20 @@
-"""The one place that builds TLS contexts and reads certificates.
+"""The one place that builds TLS contexts and reads certificates and CRLs.
 
-TLS 1.3 only, mutual authentication against the configured CA. Which peer a
-certificate belongs to is decided by its subjectAltName DNS names, never by the
-address dialled; the check itself lives here too (`cert_names`).
+TLS 1.3 only, mutual authentication against the configured CA, and with [tls] crl a
+revocation check at every full handshake, both ways. Which peer a certificate belongs
+to is decided by its subjectAltName DNS names, never by the address dialled; the check
+itself lives here too (`cert_names`). The CRLs are read each time a context is built,
+so contexts rebuilt from the config (a reload) check against the CRL file as it is then.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -18,19 +22,46 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
 from relay.core.config import TlsFiles
-from relay.core.errors import BadCertificate, PkiError, printable
+from relay.core.errors import BadCertificate, HandshakeReason, PkiError, printable
 from relay.daemon import tls_fastpath
 
 # Lets pyOpenSSL/OpenSSL resume TLS 1.3 sessions across our many short connections.
 SESSION_ID_CONTEXT: Final = b"migrelay"
+_PEM_CRL: Final = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+ExpiryKind = Literal["own", "ca", "crl"]
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """Something [tls] loads that stops working at `end`: the relay's certificate, a CA, a CRL."""
+
+    kind: ExpiryKind
+    what: str  # for a log line or a finding: the key, the file and, for a CA or a CRL, whose
+    start: dt.datetime  # valid from (a CRL: its last update)
+    end: dt.datetime  # valid until (a CRL: its next update; past it OpenSSL refuses every handshake)
+
+    def warn_from(self, days: float) -> dt.datetime:
+        """When warnings about it should start: `days` before its end.
+
+        A CRL, at most a quarter of its validity before: many CAs reissue a CRL valid for a
+        week every day, and one with six days to go is on time, not late.
+        """
+        lead = dt.timedelta(days=days)
+        if self.kind == "crl":
+            lead = min(lead, (self.end - self.start) / 4)
+        return self.end - lead
 
 
 @dataclass(frozen=True)
 class Identity:
-    """This relay's certificate, as loaded and checked at startup."""
+    """This relay's certificate, as loaded and checked at startup (with its CAs and CRLs)."""
 
     names: frozenset[str]
     not_after: dt.datetime
+    expiries: tuple[Expiry, ...] = ()  # the certificate, each CA, each CRL that has a next update
+    revoked: bool = False  # [tls] crl revokes our own certificate: peers with that CRL refuse us
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -58,13 +89,76 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identity:
-    """Load and cross-check CA, certificate and key; raise PkiError naming what to fix."""
-    now = now or dt.datetime.now(dt.UTC)
+def _load_cas(files: TlsFiles) -> list[x509.Certificate]:
     try:
-        cas = x509.load_pem_x509_certificates(_read(files.ca, "ca"))
+        return x509.load_pem_x509_certificates(_read(files.ca, "ca"))
     except ValueError:
         raise PkiError(f"Failed to load [tls] ca {files.ca}: not a PEM certificate") from None
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        # public_key() may be a type that signs nothing (X25519...): is_signature_valid refuses it
+        return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return False  # a CA key type that cannot sign CRLs
+
+
+def load_crls(
+    files: TlsFiles, cas: Sequence[x509.Certificate], now: dt.datetime | None = None
+) -> list[x509.CertificateRevocationList]:
+    """The CRLs in [tls] crl ([] without it), each checked; raise PkiError naming what to fix.
+
+    Each is checked here because OpenSSL would take any of these faults silently and then
+    refuse handshakes one by one: a CRL not signed by a CA in [tls] ca, expired or not yet
+    valid makes it refuse every peer ("CRL has expired"), and a CA without a CRL every
+    host of that CA ("unable to get certificate CRL").
+    """
+    if files.crl is None:
+        return []
+    now = now or dt.datetime.now(dt.UTC)
+    where = f"[tls] crl {files.crl}"
+    blocks = _PEM_CRL.findall(_read(files.crl, "crl"))
+    if not blocks:
+        raise PkiError(f"Failed to load {where}: no PEM CRL in it")
+    crls = []
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as e:
+            raise PkiError(f"Failed to load {where}: not a valid CRL: {printable(str(e))}") from None
+        issuer = printable(crl.issuer.rfc4514_string())
+        if not any(_signed_by(crl, ca) for ca in cas):
+            raise PkiError(f"{where}: the CRL of {issuer} is not signed by a CA in [tls] ca {files.ca}")
+        if crl.next_update_utc is not None and crl.next_update_utc <= now:
+            raise PkiError(
+                f"{where}: the CRL of {issuer} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC (its next update); "
+                "install a fresh one (`migrelay pki crl DIR` reissues the built-in CA's)"
+            )
+        if crl.last_update_utc > now:
+            raise PkiError(f"{where}: the CRL of {issuer} is not valid before {crl.last_update_utc:%Y-%m-%d %H:%M} UTC")
+        crls.append(crl)
+    for ca in cas:
+        if not any(_signed_by(crl, ca) for crl in crls):
+            subject = printable(ca.subject.rfc4514_string())
+            raise PkiError(
+                f"{where} has no CRL from the CA {subject} in [tls] ca {files.ca}: "
+                "every host of that CA would be refused; add its CRL or remove the CA"
+            )
+    return crls
+
+
+def _revoked(cert: x509.Certificate, crls: Sequence[x509.CertificateRevocationList]) -> bool:
+    return any(
+        crl.issuer == cert.issuer and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        for crl in crls
+    )
+
+
+def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identity:
+    """Load and cross-check CA, certificate, key and CRLs; raise PkiError naming what to fix."""
+    now = now or dt.datetime.now(dt.UTC)
+    cas = _load_cas(files)
     try:
         cert = x509.load_pem_x509_certificate(_read(files.cert, "cert"))
     except ValueError:
@@ -85,19 +179,42 @@ def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identit
         raise PkiError(f"[tls] cert {files.cert} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
     if not any(_issued_by(cert, ca) for ca in cas):
         raise PkiError(f"[tls] cert {files.cert} was not issued by [tls] ca {files.ca}")
-    return Identity(cert_names(cert), cert.not_valid_after_utc)
+    crls = load_crls(files, cas, now)
+    expiries = [Expiry("own", f"[tls] cert {files.cert}", cert.not_valid_before_utc, cert.not_valid_after_utc)]
+    for ca in cas:
+        what = f"[tls] ca {files.ca} ({printable(ca.subject.rfc4514_string())})"
+        expiries.append(Expiry("ca", what, ca.not_valid_before_utc, ca.not_valid_after_utc))
+    for crl in crls:
+        if crl.next_update_utc is not None:  # a CRL without one never expires (OpenSSL agrees)
+            what = f"[tls] crl {files.crl} ({printable(crl.issuer.rfc4514_string())})"
+            expiries.append(Expiry("crl", what, crl.last_update_utc, crl.next_update_utc))
+    return Identity(cert_names(cert), cert.not_valid_after_utc, tuple(expiries), _revoked(cert, crls), tuple(crls))
 
 
 # X509_V_ERR_* codes an operator meets in practice, in OpenSSL's own words.
 _VERIFY_ERRORS: Final = {
     2: "unable to get issuer certificate",
+    3: "unable to get certificate CRL (no CRL from its CA in [tls] crl)",
     9: "certificate is not yet valid",
     10: "certificate has expired",
+    11: "CRL is not yet valid",
+    12: "CRL has expired (install a fresh [tls] crl and reload)",
     18: "self-signed certificate",
     19: "self-signed certificate in certificate chain",
     20: "unable to get local issuer certificate (not from our CA)",
     21: "unable to verify the first certificate",
+    23: "certificate revoked",
 }
+# How each verify error is counted (migrelay_handshake_failures_total): not from a CA
+# we trust (2, 20: issuer unknown; 18, 19: self-signed; 21: no chain to one), expired,
+# revoked; anything else wrong with it (not yet valid, a bad signature, a CRL we cannot
+# use) is a bad certificate.
+_UNKNOWN_CA_ERRORS: Final = frozenset({2, 18, 19, 20, 21})
+_EXPIRED_ERROR: Final = 10
+_REVOKED_ERROR: Final = 23
+# OpenSSL's reason (SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE) when a client sent none: the
+# verify callback never runs then, and pyOpenSSL hands over reasons only as text.
+_NO_CERTIFICATE: Final = "peer did not return a certificate"
 
 
 @dataclass
@@ -106,6 +223,7 @@ class HandshakeNotes:
 
     certificate_checked: bool = False  # still False after a handshake: resumed, no certificate sent
     failure: str | None = None
+    errnum: int | None = None  # the X509_V_ERR_* code of `failure`
 
 
 def new_notes(conn: SSL.Connection) -> None:
@@ -132,7 +250,10 @@ def _note_verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: in
         notes = _notes(conn)
         notes.certificate_checked = True
         if not ok and notes.failure is None:
-            notes.failure = f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} (subject {_subject(cert)})"
+            # the serial too: it is what a CRL lists
+            what = f"subject {_subject(cert)}, serial {cert.get_serial_number():x}"
+            notes.failure = f"{_VERIFY_ERRORS.get(errnum, f'X509 verify error {errnum}')} ({what})"
+            notes.errnum = errnum
     except Exception:
         return False  # we could not even take notes: refuse rather than guess
     return bool(ok)
@@ -152,6 +273,24 @@ def verify_failure(conn: SSL.Connection) -> str | None:
     return _notes(conn).failure
 
 
+def failure_reason(conn: SSL.Connection, openssl_reason: str) -> HandshakeReason:
+    """How a failed handshake is counted, from the verify callback's notes and OpenSSL's reason.
+
+    Only what this side judged: an alert from the other side (it refused our certificate)
+    is `protocol` here, and counted by its reason over there.
+    """
+    errnum = _notes(conn).errnum
+    if errnum is None:
+        return "bad_certificate" if _NO_CERTIFICATE in openssl_reason else "protocol"
+    if errnum in _UNKNOWN_CA_ERRORS:
+        return "unknown_ca"
+    if errnum == _EXPIRED_ERROR:
+        return "expired"
+    if errnum == _REVOKED_ERROR:
+        return "revoked"
+    return "bad_certificate"
+
+
 def resumed(conn: SSL.Connection) -> bool:
     """After a successful handshake: was it a session resumption (no certificate exchanged)?"""
     return not _notes(conn).certificate_checked
@@ -167,6 +306,14 @@ def _context(files: TlsFiles, server: bool) -> SSL.Context:
         ctx.load_verify_locations(str(files.ca))
     except SSL.Error as e:
         raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
+    crls = load_crls(files, _load_cas(files))  # read now: a context built later sees the file as it is then
+    if crls:
+        store = ctx.get_cert_store()
+        assert store is not None  # every SSL_CTX has one
+        for crl in crls:
+            store.add_crl(crl)
+        # every certificate of the chain, not only the peer's own: an intermediate CA can be revoked too
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify)
     tls_fastpath.calls().whole_writes(ctx)  # one SSL_write per chunk, not per record
     if server:
@@ -202,4 +349,14 @@ def peer_cert_names(conn: SSL.Connection) -> frozenset[str]:
         raise BadCertificate(f"the peer's certificate cannot be read: {printable(str(e))}") from None
 
 
-__all__ = ["Identity", "cert_names", "client_context", "load_identity", "peer_cert_names", "server_context"]
+__all__ = [
+    "Expiry",
+    "Identity",
+    "cert_names",
+    "client_context",
+    "failure_reason",
+    "load_crls",
+    "load_identity",
+    "peer_cert_names",
+    "server_context",
+]

@@ -49,8 +49,20 @@ def check_certificates(config: Config, now: dt.datetime | None = None) -> list[F
     ]
     if config.name not in identity.names:
         findings.append(Finding("error", f"[tls] cert does not name this relay ({config.name}); peers will refuse it"))
-    if identity.not_after - now < dt.timedelta(days=EXPIRY_WARNING_DAYS):
-        findings.append(Finding("warning", f"[tls] cert expires in less than {EXPIRY_WARNING_DAYS} days"))
+    if config.tls.crl is not None:
+        revoked = sum(len(crl) for crl in identity.crls)
+        updates = [e.end for e in identity.expiries if e.kind == "crl"]
+        next_update = f", next update {min(updates):%Y-%m-%d}" if updates else ""
+        text = f"[tls] crl {config.tls.crl}: {len(identity.crls)} CRL(s), {revoked} revoked{next_update}"
+        findings.append(Finding("ok", f"{text}, one from each CA in [tls] ca"))
+    if identity.revoked:
+        findings.append(Finding("error", "[tls] cert is revoked by [tls] crl; peers with that CRL will refuse it"))
+    for expiry in identity.expiries:
+        if now >= expiry.end:  # a CA: load_identity refuses anything else past its end
+            findings.append(Finding("error", f"{expiry.what} expired on {expiry.end:%Y-%m-%d}; it verifies nothing"))
+        elif now >= expiry.warn_from(EXPIRY_WARNING_DAYS):  # a CRL reissued weekly: later (Expiry.warn_from)
+            days = (expiry.end - now) / dt.timedelta(days=1)
+            findings.append(Finding("warning", f"{expiry.what} expires on {expiry.end:%Y-%m-%d}, in {days:.1f} days"))
     return findings
 
 

@@ -6,6 +6,7 @@ a silent success on bad input costs them an outage.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.tools import pki
 from tests.e2e.procs import serve
 from tests.support import make_pki, pair_configs
 
@@ -38,17 +40,29 @@ def test_unknown_key(tmp_path: Path) -> None:
     one_line_error(migrelay("check", "--config", str(cfg)), "[relay] unknown key(s): listen_on")
 
 
-@pytest.mark.parametrize("broken", ["missing cert", "wrong key"])
+@pytest.mark.parametrize("broken", ["missing cert", "wrong key", "missing crl", "expired crl", "another CA's crl"])
 def test_serve_refuses_bad_certificates(tmp_path: Path, broken: str) -> None:
     p = make_pki(tmp_path)
     pair_configs(tmp_path, p, "tls")
     cfg = tmp_path / "hvB.toml"
+    with_crl = cfg.read_text().replace("[tls]\n", f'[tls]\ncrl = "{p.dir / "crl.pem"}"\n')
     if broken == "missing cert":
         cfg.write_text(cfg.read_text().replace("hvB.pem", "gone.pem"))
         expected = "gone.pem: no such file"
-    else:
+    elif broken == "wrong key":
         cfg.write_text(cfg.read_text().replace("hvB-key.pem", "hvA-key.pem"))
         expected = "does not match"
+    elif broken == "missing crl":
+        cfg.write_text(with_crl)
+        expected = "Failed to load [tls] crl"
+    elif broken == "expired crl":
+        pki.reissue_crl(p.dir, days=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+        cfg.write_text(with_crl)
+        expected = "expired on"
+    else:
+        pki.reissue_crl(p.other_ca)
+        cfg.write_text(with_crl.replace(str(p.dir / "crl.pem"), str(p.other_ca / "crl.pem")))
+        expected = "is not signed by a CA in [tls] ca"
     one_line_error(migrelay("serve", "--config", str(cfg)), expected)
 
 
@@ -90,6 +104,13 @@ def test_pki_commands(tmp_path: Path) -> None:
     one_line_error(migrelay("pki", "init", str(tmp_path)), "already holds a CA")
     one_line_error(migrelay("pki", "issue", str(tmp_path), "bad name"), "must be a DNS name")
     one_line_error(migrelay("pki", "issue", str(tmp_path), "x", "--ip", "nope"), "--ip")
+    revoked = migrelay("pki", "revoke", str(tmp_path), "hv9")
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.startswith(f"hv9 revoked; wrote {tmp_path / 'crl.pem'}: 1 revoked, next update ")
+    reissued = migrelay("pki", "crl", str(tmp_path), "--days", "30")
+    assert reissued.returncode == 0 and ": 1 revoked, next update " in reissued.stdout, reissued
+    one_line_error(migrelay("pki", "revoke", str(tmp_path), "hv8"), "hv8.pem is missing")
+    one_line_error(migrelay("pki", "crl", str(tmp_path), "--days", "0"), "at least a day")
 
 
 def test_session_and_status_commands(tmp_path: Path) -> None:

@@ -73,6 +73,14 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
     assert cfg.tls is not None and cfg.tls.ca == tmp_path / "ca.pem"
 
 
+def test_tls_crl_is_optional_relative_and_printed(tmp_path: Path) -> None:
+    assert load(tmp_path, TLS).tls == config.TlsFiles(tmp_path / "ca.pem", tmp_path / "a.pem", tmp_path / "k.pem")
+    cfg = load(tmp_path, f'{TLS}crl = "crl.pem"\n')
+    assert cfg.tls is not None and cfg.tls.crl == tmp_path / "crl.pem"
+    assert f'crl = "{tmp_path / "crl.pem"}"' in cfg.as_toml()
+    assert load(tmp_path, cfg.as_toml()).tls == cfg.tls
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -104,6 +112,7 @@ def test_relative_paths_are_relative_to_the_config(tmp_path: Path) -> None:
         ('[relay]\nname = "a"\ntcp_ack_timeout_s = 0.01\n', r"tcp_ack_timeout_s: must be 0.1-86400"),
         ('[relay]\nname = "a"\ntcp_ack_timeout_s = -1\n', r"tcp_ack_timeout_s: must be positive"),
         ("[relay\n", r"not valid TOML"),
+        (f"{TLS}crl = 1\n", r"\[tls\] crl: expected a string, got int"),
         (f"{TLS}rekey_after_bytes = 1.5e9\n", r"\[tls\] rekey_after_bytes: expected a whole number, got float"),
         (f'{TLS}rekey_after_bytes = "64G"\n', r"\[tls\] rekey_after_bytes: expected a whole number, got str"),
         (f"{TLS}rekey_after_bytes = true\n", r"\[tls\] rekey_after_bytes: expected a whole number, got bool"),

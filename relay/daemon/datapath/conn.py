@@ -18,10 +18,10 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 from OpenSSL import SSL
 
-from relay.core.errors import PeerUnavailable, RemoteError
+from relay.core.errors import HandshakeFailed, RemoteError
 from relay.daemon import tls_fastpath
 from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read
-from relay.daemon.tlsconfig import new_notes, verify_failure
+from relay.daemon.tlsconfig import failure_reason, new_notes, verify_failure
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 T = TypeVar("T")
@@ -221,14 +221,19 @@ class TlsConn:
                 await self._wait(writable=True)
 
     async def handshake(self) -> None:
+        """Raises HandshakeFailed with the reason it is counted by (tlsconfig.failure_reason)."""
         try:
             await self._call(self._ssl.do_handshake)
         except SSL.SysCallError as e:
-            raise PeerUnavailable(f"TLS handshake failed: {_syscall_reason(e)}") from None
+            reason = _syscall_reason(e)
+            counted_as = failure_reason(self._ssl, reason)
+            raise HandshakeFailed(f"TLS handshake failed: {reason}", counted_as) from None
         except SSL.Error as e:
+            reason = _ssl_reason(e)
             why = verify_failure(self._ssl)
             detail = f": {why}" if why else ""
-            raise PeerUnavailable(f"TLS handshake failed: {_ssl_reason(e)}{detail}") from None
+            counted_as = failure_reason(self._ssl, reason)
+            raise HandshakeFailed(f"TLS handshake failed: {reason}{detail}", counted_as) from None
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read as many records as are ready (at least one byte), up to len(buf)."""
