@@ -299,6 +299,16 @@ def state(host: LibvirtHost, name: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else "absent"
 
 
+def settled_state(host: LibvirtHost, name: str, want: str, within: float = 30) -> str:
+    """The domain's state once it is `want`, or whatever it is after `within` seconds: after an
+    aborted migration the destination's libvirtd tears its paused copy down a moment after
+    the source has already returned."""
+    deadline = time.monotonic() + within
+    while (now := state(host, name)) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
 def persistent(host: LibvirtHost, name: str) -> bool:
     return "Persistent:     yes" in host.virsh("dominfo", name).stdout
 
