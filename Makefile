@@ -15,9 +15,10 @@ SOAK_TESTS := tests/e2e/test_soak_tls_pair.py tests/e2e/test_injected_faults.py
 # build libvirt-python), socat/stunnel (bench baselines), systemd-socket-activate, iproute2 + nftables
 # (relays in network namespaces over a veth pair that tests blackhole), systemd-analyze + setpriv +
 # python3-seccomp (relays under systemd/migrelay.service's own sandbox, tests/unit_sandbox.py;
-# libvirt-daemon-system brings the libvirt-qemu user they run QEMU stand-ins as)
+# libvirt-daemon-system brings the libvirt-qemu user they run QEMU stand-ins as), curl (scrapes /metrics
+# as an operator does)
 DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
-	socat stunnel4 haproxy systemd iproute2 nftables util-linux python3-seccomp
+	socat stunnel4 haproxy systemd iproute2 nftables util-linux python3-seccomp curl
 
 .PHONY: demo test venv deps lint unit integration e2e fuzz soak clean
 

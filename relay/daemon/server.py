@@ -4,7 +4,7 @@ Nursery layout (every task has an owner):
 
     run()
     └── streams nursery          forwarded connections; survives the accept phase
-        └── accept nursery       accept loops, metrics endpoint, watchdog
+        └── accept nursery       accept loops, metrics endpoint, peer probes, watchdog
 On stop: the accept nursery is cancelled (no new connections, listeners closed),
 then in-flight streams get `drain_timeout_s` before they are cancelled too.
 """
@@ -30,6 +30,7 @@ from relay.daemon import net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
+from relay.daemon.probe import probe_peers
 from relay.daemon.systemd import Notifier, inherited_sockets
 from relay.daemon.tlsconfig import client_context, load_identity, server_context
 
@@ -139,6 +140,7 @@ class Daemon:
                     await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
+                    accepting.start_soon(probe_peers, ctx)  # migrelay_peer_up; each probe is guarded
                     accepting.start_soon(notifier.watchdog)
                     log.info(
                         "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
