@@ -17,10 +17,10 @@ SOAK_TESTS := tests/e2e/test_soak_tls_pair.py tests/e2e/test_injected_faults.py
 # python3-seccomp (relays under systemd/migrelay.service's own sandbox, tests/unit_sandbox.py;
 # libvirt-daemon-system brings the libvirt-qemu user they run QEMU stand-ins as); util-linux + mount
 # (unshare, nsenter, mount: relays and QEMU in mount namespaces of their own, the libvirt hosts and
-# the sidecar pods);
-# libselinux1 ([relay] socket_context's library, whose answer on a host without SELinux is tested)
+# the sidecar pods); libselinux1 ([relay] socket_context's library, whose answer on a host without
+# SELinux is tested); curl (scrapes /metrics as an operator does)
 DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
-	socat stunnel4 haproxy systemd iproute2 nftables util-linux mount python3-seccomp libselinux1
+	socat stunnel4 haproxy systemd iproute2 nftables util-linux mount python3-seccomp libselinux1 curl
 
 .PHONY: demo test venv deps lint unit integration e2e fuzz soak clean
 

@@ -61,7 +61,6 @@ from relay.daemon import net
 from relay.daemon.admission import Admission, OverLimit, Slot
 from relay.daemon.datapath import (
     Conn,
-    Meter,
     PlainConn,
     RekeyConn,
     StreamBroken,
@@ -118,6 +117,8 @@ class Forwarding:
         against the new CA bundle (and CRL), and pyOpenSSL refuses a session made by another
         context anyway (ValueError: the stream would fail).
         """
+        for gone in self.config.peers.keys() - config.peers.keys():
+            self.forget_peer(gone)
         self.config = config
         self.server_tls, self.client_tls = server_tls, client_tls
         self.tls_tickets.clear()
@@ -134,6 +135,17 @@ class Forwarding:
 
     def count(self, peer: str, socket_name: str, result: Result) -> None:
         self.metrics.connections.labels(peer, self.channel_label(peer, socket_name), result).inc()
+
+    def reached(self, peer: PeerConfig, up: bool) -> None:
+        """The outcome of a dial or a probe, for migrelay_peer_up (peers we dial, with an address)."""
+        # a stream that began before a reload removed its peer says nothing about the peers now
+        if peer.address is not None and peer.name in self.config.peers:
+            self.metrics.peer_up.labels(peer.name).set(1 if up else 0)
+
+    def forget_peer(self, name: str) -> None:
+        """A reload removed peer `name`: its migrelay_peer_up series goes too (not a stale 0 or 1)."""
+        with contextlib.suppress(KeyError):
+            self.metrics.peer_up.remove(name)
 
     def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
         self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
@@ -192,7 +204,14 @@ class Activity:
 
 
 class ClosedBeforeHeader(ProtocolError):
-    """The other side authenticated and hung up without a byte: a probe (`migrelay check`)."""
+    """The other side authenticated and hung up without a byte: a probe (`migrelay check`, or a
+    peer's periodic one, relay/daemon/probe.py).
+
+    `known` is set where the prober can only be a peer relay or root: its certificate
+    names a configured peer, or it came through a unix listener (root only).
+    """
+
+    known = False
 
 
 async def read_header(conn: Conn, reader: HeaderReader[T]) -> T:
@@ -244,9 +263,10 @@ async def _pump_counted(
     if activity is not None:
         activity.active += 1
     channel = ctx.channel_label(peer, socket_name)
-    counter = ctx.metrics.bytes
-    tx = Meter(counter.labels(peer, channel, "tx").inc)
-    rx = Meter(counter.labels(peer, channel, "rx").inc)
+    started = trio.current_time()
+    # read by every scrape while the stream runs, flushed into the counter when it ends
+    tx = ctx.metrics.live_bytes.meter(peer, channel, "tx")
+    rx = ctx.metrics.live_bytes.meter(peer, channel, "rx")
     active = ctx.metrics.active.labels(peer, channel)
     active.inc()
     try:
@@ -265,6 +285,9 @@ async def _pump_counted(
         log.info("%s: closed, tx %d rx %d bytes", label, tx.total, rx.total)
         ctx.metrics.streams_closed.labels(peer, channel, "ok").inc()
     finally:
+        ctx.metrics.live_bytes.release(tx)
+        ctx.metrics.live_bytes.release(rx)
+        ctx.metrics.stream_duration.labels(channel).observe(trio.current_time() - started)
         active.dec()
         if activity is not None:
             activity.active -= 1
@@ -392,16 +415,19 @@ async def _forward(
             with trio.fail_after(ctx.config.handshake_timeout_s):
                 remote = await open_outbound(ctx, peer, socket_name, stream_id)
         except Refused as e:
+            ctx.reached(peer, True)  # it answered: up, just not for this
             log.warning("%s: refused by %s: %s", label, peer.name, printable(str(e)))
             ctx.count(peer.name, socket_name, "refused")
             client.close()
             return
         except (RemoteError, OSError, trio.TooSlowError) as e:
             reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            ctx.reached(peer, False)
             log.warning("%s: failed: %s", label, reason)
             ctx.count(peer.name, socket_name, "failed")
             client.close()
             return
+        ctx.reached(peer, True)
         try:
             local = PlainConn(client)
         except OSError as e:  # no fd left for its duplicate
@@ -476,18 +502,25 @@ async def _accept_request(
             conn = tls
             with ctx.admission.handshake_slot(_address(raw, kind), eviction.cancel):
                 await tls.handshake()
-            ctx.count_handshake("server", tls)
             names = peer_cert_names(tls.ssl)
         else:
             conn = PlainConn(raw)
+        probe = False
         try:
             request = await read_header(conn, RequestReader())
-        except ClosedBeforeHeader:
+        except ClosedBeforeHeader as e:
+            probe = True
+            e.known = kind == "unix" or not names.isdisjoint(ctx.config.peers)
             raise
         except UnsupportedVersion as e:
             raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e)), unidentified="protocol") from None
         except ProtocolError as e:
             raise _Answerable(conn, Refused(STATUS_BAD_REQUEST, str(e)), unidentified="protocol") from None
+        finally:
+            # a probe is not counted: one every PEER_PROBE_INTERVAL_S per peer would only
+            # dilute what the counter is for, how often streams resume their TLS sessions
+            if isinstance(conn, TlsConn) and not probe:
+                ctx.count_handshake("server", conn)
         try:
             peer = _identify(ctx, kind, request, names)
         except _Unidentified as e:
@@ -582,8 +615,11 @@ async def _serve_inbound(
                     pass  # the peer left first; the refusal is logged and counted above
             e.conn.close()
             return
-        except ClosedBeforeHeader:
-            ctx.anyone_log.log(logging.INFO, "probe", "%s completed a handshake and closed (a `migrelay check`?)", who)
+        except ClosedBeforeHeader as e:
+            if e.known:  # routine: every peer probes every PEER_PROBE_INTERVAL_S (relay/daemon/probe.py)
+                log.debug("%s completed a handshake and closed (a probe)", who)
+            else:
+                ctx.anyone_log.log(logging.INFO, "probe", "%s completed a handshake and closed (a probe)", who)
             raw.close()
             return
         except OverLimit:

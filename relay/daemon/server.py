@@ -4,7 +4,7 @@ Nursery layout (every task has an owner):
 
     run()
     └── streams nursery          forwarded connections; survives the accept phase
-        └── accept nursery       accept loops, metrics endpoint, watchdog
+        └── accept nursery       accept loops, metrics endpoint, peer probes, watchdog
 On stop: the accept nursery is cancelled (no new connections, listeners closed),
 then in-flight streams get `drain_timeout_s` before they are cancelled too.
 On reload (SIGHUP, or `migrelay reload` on the control socket; relay/daemon/reload.py):
@@ -38,6 +38,7 @@ from relay.daemon import expiry, net
 from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
+from relay.daemon.probe import probe_peers
 from relay.daemon.reload import Material, ReloadFailed, describe, load_material, prepare
 from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.systemd import Notifier, inherited_sockets
@@ -219,6 +220,7 @@ class Daemon:
                     await accepting.start(self.control.serve, self.config.control_path)
                     if self.config.metrics_listen is not None:
                         await accepting.start(serve_metrics, self.config.metrics_listen, self.metrics)
+                    accepting.start_soon(probe_peers, ctx)  # migrelay_peer_up; each probe is guarded
                     accepting.start_soon(notifier.watchdog)
                     accepting.start_soon(expiry.warn_before_expiry, lambda: self.identity)
                     log.info(

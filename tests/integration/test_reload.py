@@ -23,7 +23,7 @@ from relay.core.errors import STATUS_OK, ControlError
 from relay.core.overlay import DEFAULT_CHANNELS
 from relay.core.protocol import Reply, ReplyReader, RequestReader, encode_reply
 from relay.daemon.datapath import TlsConn
-from relay.daemon.forward import read_header
+from relay.daemon.forward import ClosedBeforeHeader, read_header
 from relay.daemon.net import free_port
 from relay.daemon.reload import ReloadFailed
 from relay.daemon.server import Daemon
@@ -45,6 +45,16 @@ def overlay(tmp_path: Path, relay: str, peer: str) -> set[str]:
     """The socket files in `relay`'s overlay folder for `peer`."""
     folder = tmp_path / relay / peer
     return {p.name for p in folder.iterdir() if p.is_socket()} if folder.is_dir() else set()
+
+
+def peers_up(relay: Daemon) -> set[str]:
+    """The peers that have a migrelay_peer_up series."""
+    return {
+        sample.labels["peer"]
+        for family in relay.metrics.registry.collect()
+        if family.name == "migrelay_peer_up"
+        for sample in family.samples
+    }
 
 
 def handshakes(relay: Daemon, role: str, resumed: str) -> float:
@@ -98,8 +108,10 @@ async def test_peers_and_channels_added_and_removed_take_effect_at_once(tmp_path
         await roundtrip(tmp_path / "hvA/hvB/migration.sock", 1, 1 << 20)  # kept: still carries
         await roundtrip(tmp_path / "hvA/hvC/nbd.sock", 2, 1 << 20)  # added: carries at once
 
+        await eventually(lambda: "hvC" in peers_up(ra))  # a dial went there
         rewrite((tmp_path / "hvA.toml"), peers={"hvB": hv_b})
         assert await ra.reload() == "1 peer removed (hvC), 1 peer changed (hvB), TLS files unchanged"
+        assert "hvC" not in peers_up(ra)  # no stale series for a peer that is gone
         assert overlay(tmp_path, "hvA", "hvC") == set()
         assert overlay(tmp_path, "hvA", "hvB") == set(OVERLAY)
         assert counted(ra, "migrelay_reloads_total") == 2
@@ -347,7 +359,19 @@ async def test_a_ticket_from_a_handshake_that_spans_the_reload_is_not_kept(tmp_p
         finally:
             tls.close()
 
+    async def probed() -> None:
+        """The probe hvA sends its peers as it starts (relay/daemon/probe.py): a handshake, no request."""
+        raw, _ = await listener.accept()
+        tls = TlsConn.server(raw, server)
+        try:
+            await tls.handshake()
+            with pytest.raises(ClosedBeforeHeader):
+                await read_header(tls, RequestReader())
+        finally:
+            tls.close()
+
     async with running(config.load(tmp_path / "hvA.toml")) as (ra,), trio.open_nursery() as servers:
+        await probed()
         servers.start_soon(far_end, True)
         client = await connect(tmp_path / "hvA/hvB/migration.sock")
         await dialled.wait()  # hvA's handshake is under way, on the material from before

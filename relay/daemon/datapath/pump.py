@@ -29,8 +29,6 @@ PIPE_SIZE_BYTES: Final = 256 * 1024
 # (an epoll_wait) per message per hop; bulk streams reach the budget every chunk.
 YIELD_EVERY_BYTES: Final = 256 * 1024
 COPY_BUFFER_BYTES: Final = 256 * 1024
-# Counters are pushed to Prometheus at most once per this many bytes (and at the end).
-METER_FLUSH_BYTES: Final = 16 << 20
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Linux has no F_SETPIPE_SZ name in Python's fcntl on every build.
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -38,25 +36,32 @@ _F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 class Meter:
-    """Counts bytes locally and pushes them to a counter in batches."""
+    """Counts one direction's bytes: one integer addition per chunk, nothing else.
 
-    __slots__ = ("_pending", "_push", "total")
+    A scrape reads `unflushed` of every live meter (metrics.py, `LiveBytes`), so the byte
+    counters are current at any rate without the pump pushing anything; `flush()` hands
+    the count to the counter once, when the stream ends.
+    """
+
+    __slots__ = ("_flushed", "_push", "total")
 
     def __init__(self, push: Callable[[int], None] | None = None) -> None:
         self._push = push
-        self._pending = 0
+        self._flushed = 0
         self.total = 0
 
     def add(self, n: int) -> None:
         self.total += n
-        self._pending += n
-        if self._pending >= METER_FLUSH_BYTES:
-            self.flush()
+
+    @property
+    def unflushed(self) -> int:
+        """Bytes counted here and not yet pushed to the counter."""
+        return self.total - self._flushed
 
     def flush(self) -> None:
-        if self._pending and self._push is not None:
-            self._push(self._pending)
-        self._pending = 0
+        if self._push is not None and self.total > self._flushed:
+            self._push(self.total - self._flushed)
+        self._flushed = self.total
 
 
 Pump = Callable[[Conn, Conn, Meter], Awaitable[None]]
