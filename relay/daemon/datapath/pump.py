@@ -53,6 +53,11 @@ class Meter:
         if self._pending >= METER_FLUSH_BYTES:
             self.flush()
 
+    @property
+    def unflushed(self) -> int:
+        """Counted here, not yet pushed: what a reader of the counter must add for an exact figure."""
+        return self._pending if self._push is not None else 0
+
     def flush(self) -> None:
         if self._pending and self._push is not None:
             self._push(self._pending)
