@@ -126,12 +126,12 @@ def watch(fetch: Callable[[], Status], interval_s: float, out: TextIO, *, as_jso
     first = with_rates(fetch(), None)
     previous: Status | None = first
     shown: Status | str = first
-    due = time.monotonic()
     while True:
         out.write(_frame(shown, interval_s, redraw=redraw, as_json=as_json))
         out.flush()
-        due = max(due + interval_s, time.monotonic())  # a slow answer delays the next, never bunches them
-        time.sleep(max(0.0, due - time.monotonic()))
+        # a full interval after each refresh, as watch(1) does: a slow answer delays the next one
+        # rather than bunching two together (the rates use the snapshots' own clock either way)
+        time.sleep(interval_s)
         try:
             previous = with_rates(fetch(), previous)
             shown = previous
