@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from relay import __version__
 from relay.core import config
@@ -32,6 +33,18 @@ def _size(text: str) -> int:
         return int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4G, 512M)") from None
+
+
+def _interval(text: str) -> float:
+    from relay.tools.status import MIN_WATCH_INTERVAL_S
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds >= MIN_WATCH_INTERVAL_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"the refresh interval is at least {MIN_WATCH_INTERVAL_S}s, not {text}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     control_options(sc)
     control_options(sesub.add_parser("list", help="open sessions, as JSON"))
 
-    st = sub.add_parser("status", help="peers, traffic and sessions of the running relay")
-    st.add_argument("--json", action="store_true")
+    st = sub.add_parser("status", help="peers, streams in flight and sessions of the running relay")
+    st.add_argument("--json", action="store_true", help="as JSON (with --watch: one line per refresh)")
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_interval,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
     control_options(st)
 
     r = sub.add_parser(
@@ -201,10 +222,18 @@ def _session(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from relay.tools.control_client import request
-    from relay.tools.status import render
+    from relay.tools.status import render, watch, with_rates
 
-    result = request(_control_path(args), "status")
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    path = _control_path(args)
+
+    def fetch() -> dict[str, Any]:
+        result: dict[str, Any] = request(path, "status")
+        return result
+
+    if args.watch is not None:
+        watch(fetch, args.watch, sys.stdout, as_json=args.json)  # until Ctrl-C: exit status 130
+    snapshot = with_rates(fetch(), None)
+    print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return EXIT_OK
 
 

@@ -47,7 +47,7 @@ from relay.core.control_protocol import (
 from relay.core.errors import ControlError, LocalError
 from relay.core.overlay import LIBVIRT_CHANNEL, SESSION_ID_CHARS, peer_dir, session_name, unix_path_problem
 from relay.daemon import net
-from relay.daemon.forward import Activity, Forwarding, accept_outbound_loop
+from relay.daemon.forward import Activity, Forwarding, PeerLink, StreamInFlight, accept_outbound_loop
 from relay.daemon.reload import ReloadFailed
 from relay.daemon.selinux import SocketLabel
 
@@ -177,11 +177,22 @@ class Control:
         return len(doomed)
 
     def status(self) -> dict[str, Any]:
+        """A snapshot: peers (totals, last dial, last handshake), streams in flight, sessions.
+
+        No rates: a watcher computes those from two snapshots' byte counts and `clock_s`, over
+        its own interval (relay/tools/status.py), so the daemon keeps no history per watcher.
+        """
         cfg = self.ctx.config
         totals = self.ctx.metrics.peer_totals()
+        # (the byte totals include what streams in flight have moved so far: metrics.LiveBytes)
+        now, clock = time.time(), trio.current_time()
+        streams = sorted(self.ctx.in_flight, key=lambda s: s.started)
         return {
             "relay": cfg.name,
-            "uptime_s": round(time.time() - self.started, 1),
+            "time": round(now, 3),
+            # trio's clock (monotonic) at this snapshot: the time base of the streams' age_s
+            "clock_s": round(clock, 3),
+            "uptime_s": round(now - self.started, 1),
             "socket_dir": str(cfg.socket_dir),
             "listen": [str(a) for a in cfg.listen],
             "peers": {
@@ -189,9 +200,11 @@ class Control:
                     "address": str(p.address) if p.address else None,
                     "channels": list(p.channels),
                     **totals.get(p.name, {}),
+                    **_describe_link(self.ctx.links.get(p.name, PeerLink())),
                 }
                 for p in cfg.peers.values()
             },
+            "streams": [_describe_stream(s, now, clock) for s in streams],
             "sessions": [s.describe() for s in self.sessions.values()],
         }
 
@@ -310,6 +323,30 @@ class Control:
                 raise ControlError("this relay cannot reload (not started by `migrelay serve`)")
             return {"reloaded": await self.reload()}
         assert_never(request)
+
+
+def _describe_link(link: PeerLink) -> dict[str, Any]:
+    return {
+        "last_dial": link.last_dial,
+        "last_dial_at": link.last_dial_at,
+        "last_dial_error": link.last_dial_error,
+        "last_handshake_at": link.last_handshake_at,
+    }
+
+
+def _describe_stream(stream: StreamInFlight, now: float, clock: float) -> dict[str, Any]:
+    age = clock - stream.started
+    return {
+        "id": stream.id,
+        "peer": stream.peer,
+        "socket": stream.socket_name,
+        "channel": stream.channel,
+        "direction": stream.direction,
+        "tx_bytes": stream.tx.total,
+        "rx_bytes": stream.rx.total,
+        "age_s": round(age, 3),
+        "started_at": round(now - age, 3),
+    }
 
 
 async def _read_request(sock: trio.socket.SocketType) -> ControlRequest | None:

@@ -21,6 +21,7 @@ import os
 import pwd
 import secrets
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -61,6 +62,7 @@ from relay.daemon import net
 from relay.daemon.admission import Admission, OverLimit, Slot
 from relay.daemon.datapath import (
     Conn,
+    Meter,
     PlainConn,
     RekeyConn,
     StreamBroken,
@@ -77,8 +79,34 @@ log = logging.getLogger("migrelay.forward")
 T = TypeVar("T")
 
 Result = Literal["ok", "refused", "failed"]
+# outbound: a local client connected to our overlay and we dialled the peer; inbound: the peer dialled us
+Direction = Literal["outbound", "inbound"]
 # A refusal is sent on a best-effort basis: the peer may already be gone.
 REFUSAL_SEND_TIMEOUT_S = 1.0
+
+
+@dataclass(eq=False)  # each stream is its own entry, however alike two are
+class StreamInFlight:
+    """A stream as `migrelay status` shows it, registered for its lifetime by _pump_counted."""
+
+    id: int  # the #N of its log lines: the source's id, so the same on both relays
+    peer: str
+    socket_name: str
+    channel: str  # its metric label
+    direction: Direction
+    started: float  # trio clock
+    tx: Meter  # .total is exact: the pumps add every chunk to it anyway
+    rx: Meter
+
+
+@dataclass
+class PeerLink:
+    """What `migrelay status` shows of a peer's reachability; wall-clock times, None for never."""
+
+    last_dial: Literal["up", "down", "never"] = "never"
+    last_dial_at: float | None = None
+    last_dial_error: str | None = None
+    last_handshake_at: float | None = None  # either direction
 
 
 @dataclass
@@ -103,6 +131,9 @@ class Forwarding:
     _socket_gid: int | None = field(init=False)
     # what anyone who can reach a listener can make the relay log: at most a line a second per kind
     anyone_log: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log))
+    # for `migrelay status`: touched once per stream and once per handshake, never per chunk
+    in_flight: set[StreamInFlight] = field(default_factory=set)
+    links: dict[str, PeerLink] = field(default_factory=dict)  # configured peers only
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.limits, self.metrics.refused)
@@ -136,16 +167,27 @@ class Forwarding:
     def count(self, peer: str, socket_name: str, result: Result) -> None:
         self.metrics.connections.labels(peer, self.channel_label(peer, socket_name), result).inc()
 
-    def reached(self, peer: PeerConfig, up: bool) -> None:
-        """The outcome of a dial or a probe, for migrelay_peer_up (peers we dial, with an address)."""
+    def reached(self, peer: PeerConfig, error: str | None = None) -> None:
+        """The outcome of a dial or a probe to `peer`: it answered (a refusal is an answer), or
+        `error`. Feeds migrelay_peer_up and `migrelay status` (peers we dial, with an address)."""
         # a stream that began before a reload removed its peer says nothing about the peers now
-        if peer.address is not None and peer.name in self.config.peers:
-            self.metrics.peer_up.labels(peer.name).set(1 if up else 0)
+        if peer.address is None or peer.name not in self.config.peers:
+            return
+        self.metrics.peer_up.labels(peer.name).set(0 if error else 1)
+        link = self.links.setdefault(peer.name, PeerLink())
+        link.last_dial, link.last_dial_at, link.last_dial_error = ("down" if error else "up"), time.time(), error
+        if error is None:
+            link.last_handshake_at = link.last_dial_at
 
     def forget_peer(self, name: str) -> None:
-        """A reload removed peer `name`: its migrelay_peer_up series goes too (not a stale 0 or 1)."""
+        """A reload removed peer `name`: its migrelay_peer_up series and status entry go too."""
         with contextlib.suppress(KeyError):
             self.metrics.peer_up.remove(name)
+        self.links.pop(name, None)
+
+    def handshake_done(self, peer: str) -> None:
+        """A connection with `peer` authenticated and exchanged headers, whichever side dialled."""
+        self.links.setdefault(peer, PeerLink()).last_handshake_at = time.time()
 
     def count_handshake(self, role: Literal["client", "server"], conn: TlsConn) -> None:
         self.metrics.tls_handshakes.labels(role, "yes" if resumed(conn.ssl) else "no").inc()
@@ -237,6 +279,8 @@ async def _pump(
     ctx: Forwarding,
     peer: str,
     socket_name: str,
+    stream_id: int,
+    direction: Direction,
     local: Conn,
     remote: Conn,
     label: str,
@@ -248,13 +292,15 @@ async def _pump(
     The stream's admission slot is released when it ends, however it ends.
     """
     with slot, contained("stream", ctx.metrics.internal_errors, local, remote):
-        await _pump_counted(ctx, peer, socket_name, local, remote, label, activity)
+        await _pump_counted(ctx, peer, socket_name, stream_id, direction, local, remote, label, activity)
 
 
 async def _pump_counted(
     ctx: Forwarding,
     peer: str,
     socket_name: str,
+    stream_id: int,
+    direction: Direction,
     local: Conn,
     remote: Conn,
     label: str,
@@ -269,6 +315,8 @@ async def _pump_counted(
     rx = ctx.metrics.live_bytes.meter(peer, channel, "rx")
     active = ctx.metrics.active.labels(peer, channel)
     active.inc()
+    shown = StreamInFlight(stream_id, peer, socket_name, channel, direction, trio.current_time(), tx, rx)
+    ctx.in_flight.add(shown)
     try:
         async with trio.open_nursery() as watchdog:
             if remote.socket.family in (socket.AF_INET, socket.AF_INET6):
@@ -289,6 +337,7 @@ async def _pump_counted(
         ctx.metrics.live_bytes.release(rx)
         ctx.metrics.stream_duration.labels(channel).observe(trio.current_time() - started)
         active.dec()
+        ctx.in_flight.discard(shown)
         if activity is not None:
             activity.active -= 1
             activity.bytes += tx.total + rx.total
@@ -415,19 +464,19 @@ async def _forward(
             with trio.fail_after(ctx.config.handshake_timeout_s):
                 remote = await open_outbound(ctx, peer, socket_name, stream_id)
         except Refused as e:
-            ctx.reached(peer, True)  # it answered: up, just not for this
+            ctx.reached(peer)  # it answered: up, just not for this
             log.warning("%s: refused by %s: %s", label, peer.name, printable(str(e)))
             ctx.count(peer.name, socket_name, "refused")
             client.close()
             return
         except (RemoteError, OSError, trio.TooSlowError) as e:
             reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
-            ctx.reached(peer, False)
+            ctx.reached(peer, reason)
             log.warning("%s: failed: %s", label, reason)
             ctx.count(peer.name, socket_name, "failed")
             client.close()
             return
-        ctx.reached(peer, True)
+        ctx.reached(peer)
         try:
             local = PlainConn(client)
         except OSError as e:  # no fd left for its duplicate
@@ -440,7 +489,9 @@ async def _forward(
         log.info("%s: open", label)
         remote = _rekeying(ctx, peer, socket_name, stream_id, remote, label)
         until_handed_over.pop_all()  # the pump task releases the slot
-        streams.start_soon(_pump, ctx, peer.name, socket_name, local, remote, label, slot, activity)
+        streams.start_soon(
+            _pump, ctx, peer.name, socket_name, stream_id, "outbound", local, remote, label, slot, activity
+        )
 
 
 # --- inbound: destination side -------------------------------------------------------
@@ -586,6 +637,7 @@ async def _serve_inbound(
             with trio.fail_after(ctx.config.handshake_timeout_s):
                 conn, peer, request = await _accept_request(ctx, raw, kind, who, eviction)
                 unauthenticated.release()
+                ctx.handshake_done(peer.name)
                 if isinstance(request, Continue):  # not a new stream: no stream slot, no target
                     await _continue_inbound(ctx, conn, peer, request)
                     return
@@ -649,7 +701,9 @@ async def _serve_inbound(
         log.info("%s: open", label)
         # the peer's request ended exactly at the header: no payload was read early
         with _continuable(ctx, peer.name, request, conn, label) as chain:
-            await _pump(ctx, peer.name, request.name, local, chain, label, Slot(slots.close))
+            await _pump(
+                ctx, peer.name, request.name, request.stream_id, "inbound", local, chain, label, Slot(slots.close)
+            )
 
 
 def _address(sock: trio.socket.SocketType, kind: Transport) -> str | None:
@@ -765,6 +819,7 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str,
         raw.close()
         raise SwitchDeclined(f"{peer.name} refused: {printable(reply.reason)}", refused=True)
     ctx.keep_ticket(peer.name, conn.ssl)
+    ctx.handshake_done(peer.name)  # a dial for a fresh key, not for a stream: last_dial stays
     return conn
 
 

@@ -62,11 +62,11 @@ async def _probe_and_report(ctx: Forwarding, peer: PeerConfig, was_up: bool | No
             why = f"no answer within {ctx.config.handshake_timeout_s:g}s"
         else:
             why = (e.strerror if isinstance(e, OSError) else None) or str(e)
-        ctx.reached(peer, False)
+        ctx.reached(peer, why)
         if was_up is not False:
             log.warning("peer %s at %s is down: %s", peer.name, peer.address, why)
         return False
-    ctx.reached(peer, True)
+    ctx.reached(peer)
     if was_up is False:
         log.info("peer %s at %s is up again", peer.name, peer.address)
     return True

@@ -21,8 +21,12 @@ def request(path: Path, op: str, timeout_s: float = 10.0, **args: str) -> Any:
             raise ControlError(
                 f"cannot reach the relay's control socket {path}: {e.strerror} (is migrelay serve running?)"
             ) from None
-        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        try:
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError as e:  # it stopped (or restarted) mid-request, or did not answer in time
+            why = e.strerror or "no answer in time"
+            raise ControlError(f"the relay's control socket {path} failed mid-request: {why}") from None
     return decode_answer(data)

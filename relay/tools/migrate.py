@@ -262,11 +262,17 @@ def _run(
 
 
 def _completed_stats(lv: Any, dom: Any, desturi: str) -> dict[str, Any]:
-    """The completed job's statistics as the destination recorded them (asked through the relay)."""
+    """The completed job's statistics as the destination recorded them (asked through the relay).
+
+    libvirt deletes a completed job's statistics once they are read, unless asked to keep
+    them: the operator's `virsh domjobinfo --completed` on the destination must still show
+    the migration afterwards, as it does after `virsh migrate`.
+    """
+    flags = lv.VIR_DOMAIN_JOB_STATS_COMPLETED | lv.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
     try:
         dest = lv.open(desturi)
         try:
-            stats: dict[str, Any] = dest.lookupByName(dom.name()).jobStats(lv.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            stats: dict[str, Any] = dest.lookupByName(dom.name()).jobStats(flags)
         finally:
             dest.close()
     except lv.libvirtError:

@@ -23,6 +23,7 @@ from relay.core.config import Address, Config, HostPort, PeerConfig
 from relay.tools import loopback
 from tests.support import scrape
 
+CHECKOUT = Path(__file__).resolve().parents[2]
 SOCKET_DIR = "/run/migrelay"
 LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
 START_TIMEOUT_S = 30.0
@@ -127,7 +128,10 @@ class LibvirtHost:
         self.pid = int((self.root / "anchor.pid").read_text())
 
     def inside(self, *cmd: str) -> list[str]:
-        return ["nsenter", "--target", str(self.pid), "--mount", "--uts", *cmd]
+        # Entering a mount namespace moves the working directory to its root, where `python -m
+        # relay` imports the copy the venv's editable install names, not this checkout's: start
+        # in the checkout (in a git worktree the two differ).
+        return ["nsenter", "--target", str(self.pid), "--mount", "--uts", f"--wd={CHECKOUT}", *cmd]
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(self.inside(*cmd), capture_output=True, text=True, timeout=timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -127,8 +128,11 @@ def test_session_and_status_commands(tmp_path: Path) -> None:
         assert [s["id"] for s in listed] == [session["id"]]
         status = migrelay("status", "--config", conf)
         assert status.returncode == 0
-        assert "relay hvA" in status.stdout and f"session {session['id']} to hvB" in status.stdout
+        assert status.stdout.startswith("relay hvA: up ")
+        assert re.search(rf"^{session['id']}\s+hvB\s+0\s+\d+s\s+{session['migrateuri']}$", status.stdout, re.M)
         assert migrelay("session", "close", session["id"], "--config", conf).returncode == 0
         one_line_error(migrelay("session", "open", "hvX", "--config", conf), "unknown peer 'hvX'")
         one_line_error(migrelay("session", "close", "feed", "--config", conf), "no session 'feed'")
     one_line_error(migrelay("status", "--config", conf), "is migrelay serve running?")
+    # a watch that cannot start says why at once, rather than refreshing an error forever
+    one_line_error(migrelay("status", "--watch", "0.2", "--config", conf), "is migrelay serve running?")

@@ -52,6 +52,11 @@ def test_migrate_with_disk_copy(cluster: Cluster) -> None:
         assert state(cluster.b, name) == "running" and state(cluster.a, name) == "absent"
         disks_identical(cluster, name)
         assert open_sessions(cluster) == []
+        # The command read the destination's completed-job statistics for its summary; the
+        # operator's record of the job must still be there, as after `virsh migrate`.
+        completed = cluster.b.virsh("domjobinfo", name, "--completed").stdout
+        assert re.search(r"^Job type:\s+Completed\s*$", completed, re.MULTILINE), completed
+        assert re.search(r"^Operation:\s+Incoming migration\s*$", completed, re.MULTILINE), completed
     finally:
         cleanup(cluster, name)
 
