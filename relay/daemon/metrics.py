@@ -10,12 +10,15 @@ encodes with prometheus-client's own encoders (text or OpenMetrics, by Accept he
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
+import math
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -41,12 +44,12 @@ HTTP_REQUEST_TIMEOUT_S: Final = 5.0
 MAX_HTTP_REQUEST_BYTES: Final = 8192
 # A client that does not read its answer holds an fd: it gets this long, then it is reset.
 HTTP_ANSWER_TIMEOUT_S: Final = 5.0
-# A kept-alive connection with no next request is closed after this long. Prometheus
-# scrapes every 15 s or more, so it reconnects for each scrape (its HTTP client expects
-# idle connections to be closed); a connection held longer would only hold a slot below.
-HTTP_KEEPALIVE_IDLE_S: Final = 5.0
+# A kept-alive connection with no next request is closed after this long: longer than any
+# usual scrape interval (Prometheus: 15 s to 1 min), so a scraper reuses its connection.
+# An idle one holds a slot below only until somebody needs it (`_Slots`).
+HTTP_KEEPALIVE_IDLE_S: Final = 120.0
 # Prometheus scrapes with one connection at a time; anyone who can reach the port (every
-# local user, on 127.0.0.1) must not hold more fds than this.
+# local user, on 127.0.0.1) must not hold more fds than this (beyond idle ones closing).
 MAX_HTTP_CONNECTIONS: Final = 8
 # After an error answer (400, 413, 431), what the client still sends is read and dropped,
 # this long and this much at most, so that closing does not reset the answer away.
@@ -285,24 +288,55 @@ async def serve_metrics(
 ) -> None:
     """GET or HEAD /metrics (or /) over HTTP/1.1, at most MAX_HTTP_CONNECTIONS at a time."""
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-    clients = 0
+    slots = _Slots(MAX_HTTP_CONNECTIONS)
     async with trio.open_nursery() as nursery:
         task_status.started()
 
         async def handler(stream: trio.SocketStream) -> None:
-            nonlocal clients
-            if clients >= MAX_HTTP_CONNECTIONS:
+            if not slots.take():
                 metrics.refused.labels("metrics_connections").inc()
                 stream.socket.close()  # at once: a scraper that needs more is not Prometheus
                 return
-            clients += 1
             try:
                 with contained("metrics", metrics.internal_errors, stream.socket):
-                    await _serve_connection(stream, metrics)
+                    await _serve_connection(stream, metrics, slots)
             finally:
-                clients -= 1
+                slots.used -= 1
 
         await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+
+class _Slots:
+    """At most `cap` connections, of which those idling between requests give way to a newcomer.
+
+    The oldest idle one is closed for it (a scraper that comes back reconnects, as after any
+    idle close); a connection that is sending its request or taking its answer keeps its slot
+    for the deadlines above. The count may pass `cap` by the connections being closed for a
+    newcomer, for the moment they take to go.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._idle: OrderedDict[trio.CancelScope, None] = OrderedDict()
+
+    def take(self) -> bool:
+        if self.used >= self.cap:
+            if not self._idle:
+                return False
+            oldest, _ = self._idle.popitem(last=False)
+            oldest.cancel()
+        self.used += 1
+        return True
+
+    @contextlib.contextmanager
+    def idle(self, scope: trio.CancelScope) -> Iterator[None]:
+        """While in this block the connection is idle: closing it (cancelling `scope`) loses nothing."""
+        self._idle[scope] = None
+        try:
+            yield
+        finally:
+            self._idle.pop(scope, None)
 
 
 @dataclass(frozen=True)
@@ -320,15 +354,25 @@ class _TooLarge(Exception):
     """A request body over MAX_HTTP_REQUEST_BYTES (h11 caps the headers itself)."""
 
 
-async def _serve_connection(stream: trio.SocketStream, metrics: Metrics) -> None:
+async def _serve_connection(stream: trio.SocketStream, metrics: Metrics, slots: _Slots) -> None:
     """Answer the requests of one connection until it closes, errs, is too slow or idles."""
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_REQUEST_BYTES)
+    # the first request has HTTP_REQUEST_TIMEOUT_S from the accept, the wait for its first byte included
+    deadline = trio.current_time() + HTTP_REQUEST_TIMEOUT_S
+    idle_s = HTTP_REQUEST_TIMEOUT_S
     async with stream:
-        wait_s = HTTP_REQUEST_TIMEOUT_S
         while True:
             answer: _Answer | None = None
             head = False
-            with trio.move_on_after(wait_s):
+            if not http.trailing_data[0]:  # no pipelined request already here
+                # idle until a byte of the next request comes: that slot may go to a newcomer
+                with trio.move_on_after(idle_s) as waiting, slots.idle(waiting):
+                    await trio.lowlevel.wait_readable(stream.socket)
+                if waiting.cancel_called:  # even if the byte came just as it was called
+                    return  # idle for too long, or its slot went to a newcomer
+            # a request kept alive for has HTTP_REQUEST_TIMEOUT_S from its first byte
+            deadline = min(deadline, trio.current_time() + HTTP_REQUEST_TIMEOUT_S)
+            with trio.move_on_at(deadline):
                 try:
                     request = await _receive_request(stream, http)
                 except (trio.BrokenResourceError, OSError):
@@ -354,7 +398,7 @@ async def _serve_connection(stream: trio.SocketStream, metrics: Metrics) -> None
             if not _reusable(http):
                 return  # Connection: close, asked by either side
             http.start_next_cycle()
-            wait_s = HTTP_KEEPALIVE_IDLE_S
+            idle_s, deadline = HTTP_KEEPALIVE_IDLE_S, math.inf  # set when its first byte comes
 
 
 async def _linger(stream: trio.SocketStream) -> None:
