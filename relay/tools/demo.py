@@ -117,9 +117,12 @@ async def run_demo(size: int, out: TextIO = sys.stdout, transport: Transport = "
         await notify.bind(str(root / "notify.sock"))
         env = dict(os.environ, NOTIFY_SOCKET=str(root / "notify.sock"))
         cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "serve", "--config"]
-        procs = [await trio.lowlevel.open_process([*cmd, str(c)], env=env) for c in (a_conf, b_conf)]
+        procs: list[trio.Process] = []
         try:
-            await _wait_ready(notify, 2, procs)
+            # the destination first: hvA probes its peer as it starts, and would warn it is down
+            for conf in (b_conf, a_conf):
+                procs.append(await trio.lowlevel.open_process([*cmd, str(conf)], env=env))
+                await _wait_ready(notify, 1, procs)
             dest = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await dest.bind(str(root / "hvB" / "hvB" / "demo.sock"))
             dest.listen(1)
