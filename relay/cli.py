@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
     b.add_argument("--migration-reps", type=int, default=2, help="real 1 GiB QEMU migrations per setup (0: skip)")
     b.add_argument(
+        "--postcopy-reps",
+        type=int,
+        default=5,
+        help="real postcopy migrations of a 256 MiB guest reading all its RAM, per setup (0: skip)",
+    )
+    b.add_argument(
         "--flood-reps", type=int, help="a stream beside 2000 slow connections, and without (default: --reps; 0: skip)"
     )
 
@@ -275,7 +281,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     setups = [n for n in args.setups.split(",") if n]
     streams = [int(n) for n in args.streams.split(",")]
-    run.main(setups, streams, args.size, args.reps, args.rtt_count, args.migration_reps, args.flood_reps, args.out)
+    run.main(
+        setups,
+        streams,
+        args.size,
+        args.reps,
+        args.rtt_count,
+        args.migration_reps,
+        args.flood_reps,
+        args.out,
+        postcopy_reps=args.postcopy_reps,
+    )
     return EXIT_OK
 
 
