@@ -78,3 +78,18 @@ def test_bench_postcopy_row() -> None:
     assert "real QEMU postcopy, 32 MiB guest reading all its RAM" in out.getvalue()
     [target] = [row for row in run.target_rows(report) if row[0] == "postcopy blocktime"]
     assert target[1] == "migrelay-tls" and target[2] is not None and target[3] == "<= 1.0x socat-tls", target
+
+
+def test_bench_precopy_row() -> None:
+    """The precopy row's code path at a tiny size: each run compares both sides' RAM."""
+    need("socat", "qemu-system-x86_64")
+    report = run.Report(run.machine())
+    run.run_migrations(report, 1, guest_mib=64)
+    assert sorted(s.setup for s in report.samples) == sorted(run.MIGRATION_SETUPS)
+    for s in report.samples:
+        assert s.test == "migration" and s.guest_mib == 64
+        assert s.mbps is not None and s.mbps > 0 and s.downtime_ms is not None, s
+        assert s.ram_sha256 is not None and len(s.ram_sha256) == 64
+    out = io.StringIO()
+    run.table(report, out)
+    assert "real QEMU migration, 64 MiB guest of random RAM" in out.getvalue()

@@ -5,7 +5,8 @@ socket. Guest RAM is a file of random bytes (no zero pages, none alike), filled 
 row as a template (relay/tools/qemu.py).
 
 - precopy ("migration"): a 1 GiB guest that runs while it migrates (SeaBIOS, no disk: it
-  idles and dirties little), uncapped: total time, downtime, MB/s.
+  idles and dirties little), uncapped: total time, downtime, MB/s. The destination's RAM
+  must equal the source's afterwards, or the run fails.
 - postcopy: a 256 MiB guest running relay/tools/guest.py's page reader, which reads every
   page of its RAM over and over in a scattered order. Precopy is capped (32 MiB/s) and
   switched to postcopy as soon as it runs, so most RAM is still on the source; the source
@@ -38,7 +39,7 @@ def _mib(ram: Path) -> int:
     return ram.stat().st_size >> 20
 
 
-async def _migrate(setup: Setup, workdir: Path, src_ram: Path) -> dict[str, float]:
+async def _migrate(setup: Setup, workdir: Path, src_ram: Path) -> dict[str, Any]:
     """Migrate a running guest whose RAM is `src_ram` into a fresh destination, through `setup`."""
     src = Qemu("src", workdir, src_ram.parent, ram_mib=_mib(src_ram), paused=False)
     dst = Qemu("dst", workdir, workdir, ram_mib=_mib(src_ram), incoming=True)
@@ -51,11 +52,14 @@ async def _migrate(setup: Setup, workdir: Path, src_ram: Path) -> dict[str, floa
         await src.cmd("migrate", uri=f"unix:{setup.entry}")
         info = await src.wait_migration({"completed"}, MIGRATION_TIMEOUT_S, timed=True)
         await dst.wait_migration({"completed"}, MIGRATION_TIMEOUT_S)  # the destination has really got everything
+        # neither guest runs now (the source has stopped, the destination was started with -S)
+        digest = await asyncio.to_thread(same_ram, src.ram_file, dst.ram_file)  # raises if it differs
         total_s = info["total-time"] / 1000
         return {
             "total_s": total_s,
             "downtime_ms": float(info["downtime"]),
             "mbps": info["ram"]["transferred"] / total_s / 1e6,
+            "ram_sha256": digest,
         }
     finally:
         await src.stop()
@@ -102,7 +106,7 @@ def fill_guest_ram(path: Path, mib: int = GUEST_MIB) -> None:
     Qemu(path.stem, path.parent, path.parent, ram_mib=mib).fill_ram()
 
 
-def migrate_through(setup: Setup, src_ram: Path) -> dict[str, float]:
+def migrate_through(setup: Setup, src_ram: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="migrelay-bench-vm-", dir="/dev/shm") as tmp:
         return asyncio.run(_migrate(setup, Path(tmp), src_ram))
 

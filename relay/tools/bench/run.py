@@ -78,7 +78,7 @@ class Sample:
     blocktime_ms: float | None = None  # postcopy: QEMU's postcopy-blocktime (all vCPUs blocked)
     vcpu_blocktime_ms: float | None = None  # postcopy: the most blocked vCPU's (the guest has one)
     postcopy_requests: float | None = None  # postcopy: pages the destination requested
-    ram_sha256: str | None = None  # postcopy: the guest's RAM after the run, equal on both sides
+    ram_sha256: str | None = None  # QEMU rows: the guest's RAM after the run, equal on both sides
 
 
 @dataclass
