@@ -138,10 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--setups", default="", help="comma-separated (default: all)")
     b.add_argument("--streams", default="1,4,16", help="concurrent stream counts (default 1,4,16)")
     b.add_argument("--size", type=_size, default=_size("1G"), help="bytes per throughput run (default 1G)")
-    b.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    b.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="interleaved repetitions of the stream and latency runs (default 3; 0: none)",
+    )
     b.add_argument("--rtt-count", type=int, default=2000, help="1 KiB round trips per latency run")
     b.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
     b.add_argument("--migration-reps", type=int, default=2, help="real 1 GiB QEMU migrations per setup (0: skip)")
+    b.add_argument(
+        "--postcopy-reps",
+        type=int,
+        default=5,
+        help="real postcopy migrations of a 256 MiB guest reading all its RAM, per setup (default 5; 0: skip)",
+    )
     b.add_argument(
         "--flood-reps", type=int, help="a stream beside 2000 slow connections, and without (default: --reps; 0: skip)"
     )
@@ -275,7 +286,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     setups = [n for n in args.setups.split(",") if n]
     streams = [int(n) for n in args.streams.split(",")]
-    run.main(setups, streams, args.size, args.reps, args.rtt_count, args.migration_reps, args.flood_reps, args.out)
+    run.main(
+        setups,
+        streams,
+        args.size,
+        args.reps,
+        args.rtt_count,
+        args.migration_reps,
+        args.flood_reps,
+        args.out,
+        postcopy_reps=args.postcopy_reps,
+    )
     return EXIT_OK
 
 

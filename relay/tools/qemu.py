@@ -2,6 +2,9 @@
 
 RAM is a file (in tmpfs) of random bytes, page-distinct and with no zero pages, so a
 migration must carry all of it and the destination's copy can be compared by sha256.
+The guest idles in SeaBIOS, or runs a page reader (`reader=True`, relay/tools/guest.py)
+that reads every page of its RAM over and over: after a switch to postcopy, its vCPU
+faults in every page the destination does not have yet.
 Needs qemu-system-x86 and the `qemu.qmp` package (the `bench` and `test` extras).
 """
 
@@ -9,15 +12,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from relay.tools import guest
+
 # QEMU 7.2 caps precopy at 32 MiB/s by default; whoever does not want a cap lifts it.
 UNCAPPED_BYTES_PER_S: Final = 1 << 40
+READER_START_TIMEOUT_S: Final = 60.0
+
+# pc machine: guest-physical 0xA0000-0xFFFFF is VGA and BIOS ROM, not the RAM backend.
+PC_HOLE: Final = range(0xA0000, 0x100000)
+
+
+def sha256(path: Path, skip: range | None = None) -> str:
+    """sha256 of a file (a RAM file), without the bytes in `skip` (e.g. PC_HOLE)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        offset = 0
+        while chunk := f.read(1 << 20):
+            if skip is not None and offset < skip.stop and skip.start < offset + len(chunk):
+                chunk = chunk[: max(skip.start - offset, 0)] + chunk[max(skip.stop - offset, 0) :]
+            h.update(chunk)
+            offset += 1 << 20
+    return h.hexdigest()
+
+
+def same_ram(source: Path, destination: Path) -> str:
+    """The sha256 of two RAM files that must be equal; RuntimeError naming the first page that differs."""
+    h = hashlib.sha256()
+    with source.open("rb") as a, destination.open("rb") as b:
+        offset = 0
+        while True:
+            x, y = a.read(1 << 20), b.read(1 << 20)
+            if x != y:
+                at = offset + next(
+                    (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y))
+                )
+                raise RuntimeError(
+                    f"{source} and {destination} first differ at byte {at:#x} (page {at // guest.PAGE});"
+                    f" {source.stat().st_size} and {destination.stat().st_size} bytes"
+                )
+            if not x:
+                return h.hexdigest()
+            h.update(x)
+            offset += len(x)
 
 
 @dataclass
@@ -31,6 +76,7 @@ class Qemu:
     incoming: bool = False
     disk: Path | None = None
     paused: bool = True  # started with -S: "cont" makes the guest run
+    reader: bool = False  # boots relay/tools/guest.py's page reader instead of idling in SeaBIOS
     # runs QEMU elsewhere, e.g. nsenter into a pod's mount namespace; it must exec QEMU (the pid is QEMU's)
     argv_prefix: tuple[str, ...] = ()
     proc: asyncio.subprocess.Process | None = None
@@ -44,6 +90,10 @@ class Qemu:
     @property
     def qmp_path(self) -> Path:
         return self.workdir / f"{self.name}-qmp.sock"
+
+    @property
+    def kernel_path(self) -> Path:
+        return self.workdir / f"{self.name}-reader.bin"
 
     def fill_ram(self) -> None:
         """Random guest RAM: no zero pages (QEMU skips those) and no two pages alike."""
@@ -84,6 +134,9 @@ class Qemu:
                 "-device",
                 "virtio-blk-pci,drive=disk0,id=vblk0",
             ]
+        if self.reader:
+            self.kernel_path.write_bytes(guest.page_reader(self.ram_mib << 20))
+            args += ["-kernel", str(self.kernel_path)]
         if self.incoming:
             args += ["-incoming", "defer"]
         self.proc = await asyncio.create_subprocess_exec(
@@ -98,6 +151,18 @@ class Qemu:
 
     async def cmd(self, command: str, **args: Any) -> Any:
         return await self.qmp.execute(command, args or None)
+
+    async def wait_reading(self, timeout_s: float = READER_START_TIMEOUT_S) -> None:
+        """Wait until the vCPU runs the page reader's loop (SeaBIOS boots it in a second or two under TCG)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            regs = await self.cmd("human-monitor-command", **{"command-line": "info registers"})
+            eip = re.search(r"EIP=([0-9a-f]+)", regs)
+            if eip is not None and int(eip.group(1), 16) in guest.READER_LOOP:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: the page reader is not running after {timeout_s}s: {regs}")
+            await asyncio.sleep(0.1)
 
     async def capabilities(self, **caps: bool) -> None:
         await self.cmd(
@@ -145,3 +210,30 @@ class Qemu:
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.disconnect(), 5)
+
+
+async def start_postcopy(
+    src: Qemu,
+    dst: Qemu,
+    source_uri: Path,
+    dest_uri: Path,
+    precopy_bytes_per_s: int,
+    postcopy_bytes_per_s: int = 0,
+    **caps: bool,
+) -> None:
+    """Migrate `src` into `dst` and switch to postcopy as soon as precopy runs; return once it has.
+
+    Precopy is capped at `precopy_bytes_per_s`, so the switch comes with most RAM still on
+    the source; after it the destination runs the guest, and each page it touches and has
+    not got is requested over the return path, while the source pushes the rest in the
+    background at `postcopy_bytes_per_s` (0: QEMU's default, uncapped). `caps` are more
+    migration capabilities for both sides (postcopy_preempt, postcopy_blocktime).
+    """
+    for vm in (src, dst):
+        await vm.capabilities(postcopy_ram=True, **caps)
+    await src.parameters(max_bandwidth=precopy_bytes_per_s, max_postcopy_bandwidth=postcopy_bytes_per_s)
+    await dst.cmd("migrate-incoming", uri=f"unix:{dest_uri}")
+    await src.cmd("migrate", uri=f"unix:{source_uri}")
+    await src.wait_migration({"active"})
+    await src.cmd("migrate-start-postcopy")
+    await src.wait_migration({"postcopy-active"})

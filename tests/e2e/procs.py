@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from relay.tools.qemu import Qemu
+from relay.tools.qemu import sha256 as sha256  # the tests' RAM and disk checks
 
 READY_TIMEOUT_S = 30.0
 
@@ -115,14 +115,6 @@ async def running(*vms: Qemu) -> AsyncIterator[None]:
     finally:
         for vm in vms:
             await vm.stop()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def precopy(src: Qemu, dst: Qemu, source_uri: Path, dest_uri: Path) -> dict[str, Any]:

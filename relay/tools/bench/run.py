@@ -38,7 +38,8 @@ FLOODED: Final = "migrelay-tls+flood"
 FLOOD_CONNECTIONS: Final = 2000
 FLOOD_WARMUP_S: Final = 3.0
 
-# (figure, setup, baseline, test, how, target): how is "mbps", "cpu" (lower is better), "rtt" or "fairness"
+# (figure, setup, baseline, test, how, target): how is "mbps", "cpu", "rtt", "blocktime" (those three: lower is
+# better) or "fairness"
 TARGETS: Final = (
     ("TLS pair, 1 stream, MB/s", "migrelay-tls", "stunnel", "streams=1", "mbps", 1.8),
     ("TLS pair, 1 stream, CPU-s/GB", "migrelay-tls", "stunnel", "streams=1", "cpu", 0.75),
@@ -51,9 +52,12 @@ TARGETS: Final = (
     ("16 plaintext streams, slowest/fastest", "migrelay-tcp", None, "streams=16", "fairness", 0.8),
     ("1 KiB round trip, TLS pair, p50", "migrelay-tls", "stunnel", "rtt", "rtt", 1.6),
     ("real 1 GiB migration, MB/s", "migrelay-tls", "socat-tls", "migration", "mbps", 2.0),
+    ("postcopy blocktime", "migrelay-tls", "socat-tls", "postcopy", "blocktime", 1.0),
     ("TLS stream beside 2000 slow conns, MB/s", FLOODED, "migrelay-tls", "flood", "mbps", 0.7),
 )
 MIGRATION_SETUPS: Final = ("direct", "socat-tls", "migrelay-tls")
+# the QEMU rows: precopy of an idle 1 GiB guest, postcopy of a 256 MiB guest reading all its RAM
+QEMU_TESTS: Final = ("migration", "postcopy")
 RSS_LIMIT_MIB: Final = 64
 
 
@@ -70,6 +74,11 @@ class Sample:
     rtt_p99_us: float | None = None
     total_s: float | None = None
     downtime_ms: float | None = None
+    guest_mib: int | None = None
+    blocktime_ms: float | None = None  # postcopy: QEMU's postcopy-blocktime (all vCPUs blocked)
+    vcpu_blocktime_ms: float | None = None  # postcopy: the most blocked vCPU's (the guest has one)
+    postcopy_requests: float | None = None  # postcopy: pages the destination requested
+    ram_sha256: str | None = None  # QEMU rows: the guest's RAM after the run, equal on both sides
 
 
 @dataclass
@@ -208,6 +217,8 @@ def run(
     progress: Callable[[int], Any] | None = None,
 ) -> Report:
     report = Report(machine())
+    if reps == 0:
+        return report  # only the QEMU or flood rows: no setup to start
     with tempfile.TemporaryDirectory(prefix="migrelay-bench-") as tmp:
         root = Path(tmp)
         started: list[Setup] = []
@@ -236,22 +247,40 @@ def run(
     return report
 
 
-def run_migrations(report: Report, reps: int, progress: Callable[[int], Any] | None = None) -> None:
-    """Real QEMU migrations (1 GiB guest) direct, through socat-TLS and through migrelay-TLS, interleaved."""
+def run_migrations(
+    report: Report,
+    reps: int,
+    progress: Callable[[int], Any] | None = None,
+    test: str = "migration",
+    guest_mib: int | None = None,
+    postcopy_push_bytes_per_s: int = 0,
+) -> None:
+    """Real QEMU migrations direct, through socat-TLS and through migrelay-TLS, interleaved.
+
+    `test` is "migration" (precopy, 1 GiB guest) or "postcopy" (256 MiB guest reading all its
+    RAM; its background push capped at `postcopy_push_bytes_per_s`, 0: uncapped);
+    `guest_mib` overrides the guest's size.
+    """
     from relay.tools.bench import migration
 
+    if test not in QEMU_TESTS:
+        raise ValueError(f"unknown QEMU row {test!r} (known: {', '.join(QEMU_TESTS)})")
+    mib = guest_mib or (migration.GUEST_MIB if test == "migration" else migration.POSTCOPY_GUEST_MIB)
     with tempfile.TemporaryDirectory(prefix="migrelay-bench-") as tmp:
         root = Path(tmp)
         started: list[Setup] = []
         guest = Path(tempfile.mkdtemp(prefix="migrelay-bench-guest-", dir="/dev/shm")) / "src.ram"
         try:
-            migration.fill_guest_ram(guest)
+            migration.fill_guest_ram(guest, mib)
             for name in MIGRATION_SETUPS:
-                started.append(migration.socat_tls(root) if name == "socat-tls" else setups.start(name, root))
+                started.append(setups.start(name, root))
             for rep in range(reps):
                 for setup in started:
-                    result = migration.migrate_through(setup, guest)
-                    report.samples.append(Sample(setup.name, "migration", rep, **result))
+                    if test == "postcopy":
+                        result = migration.postcopy_through(setup, guest, postcopy_push_bytes_per_s)
+                    else:
+                        result = migration.migrate_through(setup, guest)
+                    report.samples.append(Sample(setup.name, test, rep, guest_mib=mib, **result))
                     if progress is not None:
                         progress(1)
         finally:
@@ -294,7 +323,13 @@ def run_flood(report: Report, reps: int, total_bytes: int, progress: Callable[[i
 
 
 def ratio(report: Report, setup: str, baseline: str | None, test: str, how: str) -> float | None:
-    attr = {"mbps": "mbps", "cpu": "cpu_s_per_gb", "rtt": "rtt_p50_us", "fairness": "fairness"}[how]
+    attr = {
+        "mbps": "mbps",
+        "cpu": "cpu_s_per_gb",
+        "rtt": "rtt_p50_us",
+        "fairness": "fairness",
+        "blocktime": "blocktime_ms",
+    }[how]
     mine = report.median(setup, test, attr)
     if baseline is None:
         return mine
@@ -306,7 +341,7 @@ def target_rows(report: Report) -> list[tuple[str, str, float | None, str, bool 
     rows = []
     for figure, setup, baseline, test, how, target in TARGETS:
         value = ratio(report, setup, baseline, test, how)
-        lower_is_better = how in ("cpu", "rtt")
+        lower_is_better = how in ("cpu", "rtt", "blocktime")
         goal = f"{'<=' if lower_is_better else '>='} {target}" + ("x " + baseline if baseline else "")
         ok = None if value is None else (value <= target if lower_is_better else value >= target)
         rows.append((figure, setup, value, goal, ok))
@@ -330,6 +365,16 @@ def table(report: Report, out: TextIO) -> None:
     names = list(dict.fromkeys(s.setup for s in report.samples if s.test.startswith("streams=") or s.test == "rtt"))
     m = report.machine
     out.write(f"\nmachine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, {m['date']}\n")
+    if names:
+        _throughput_table(report, tests, names, out)
+    _qemu_rows(report, out)
+    out.write("\ntargets (ratios in this run):\n")
+    for figure, setup, value, goal, ok in target_rows(report):
+        verdict = "n/a" if ok is None else ("met" if ok else "MISSED")
+        out.write(f"  {figure:<40} {setup:<14} {_fmt(value, '.2f'):>6}  {goal:<18} {verdict}\n")
+
+
+def _throughput_table(report: Report, tests: list[str], names: list[str], out: TextIO) -> None:
     out.write("medians of interleaved runs (min-max); MB/s aggregate, CPU-s/GB of both forwarders\n\n")
     head = f"{'setup':<15}" + "".join(f"{t + ' MB/s':>22}{'CPU-s/GB':>10}" for t in tests)
     head += f"{'RTT p50 us':>12}{'p99':>8}{'RSS MiB':>9}"
@@ -346,8 +391,18 @@ def table(report: Report, out: TextIO) -> None:
         rss = report.values(name, "streams=16", "rss_mib") or report.values(name, "streams=1", "rss_mib")
         row += f"{_fmt(max(rss) if rss else None, '.0f'):>9}"
         out.write(row + "\n")
+
+
+def _guest_size(report: Report, test: str) -> str:
+    mib = next((s.guest_mib for s in report.samples if s.test == test and s.guest_mib), None)
+    return "?" if mib is None else f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+
+
+def _qemu_rows(report: Report, out: TextIO) -> None:
     if any(s.test == "migration" for s in report.samples):
-        out.write("\nreal QEMU migration, 1 GiB guest of random RAM, running, TCG (medians):\n")
+        out.write(
+            f"\nreal QEMU migration, {_guest_size(report, 'migration')} guest of random RAM, running, TCG (medians):\n"
+        )
         for name in MIGRATION_SETUPS:
             if report.values(name, "migration", "mbps"):
                 out.write(
@@ -355,10 +410,19 @@ def table(report: Report, out: TextIO) -> None:
                     f"downtime {_fmt(report.median(name, 'migration', 'downtime_ms'), '.0f'):>4} ms, "
                     f"{_fmt(report.median(name, 'migration', 'mbps'), '.0f'):>5} MB/s\n"
                 )
-    out.write("\ntargets (ratios in this run):\n")
-    for figure, setup, value, goal, ok in target_rows(report):
-        verdict = "n/a" if ok is None else ("met" if ok else "MISSED")
-        out.write(f"  {figure:<40} {setup:<14} {_fmt(value, '.2f'):>6}  {goal:<18} {verdict}\n")
+    if any(s.test == "postcopy" for s in report.samples):
+        out.write(
+            f"\nreal QEMU postcopy, {_guest_size(report, 'postcopy')} guest reading all its RAM on the destination, TCG"
+            " (medians, min-max):\n"
+        )
+        for name in MIGRATION_SETUPS:
+            if vals := report.values(name, "postcopy", "blocktime_ms"):
+                blocktime, spread = _fmt(statistics.median(vals), ".0f"), f"({min(vals):.0f}-{max(vals):.0f})"
+                requests = _fmt(report.median(name, "postcopy", "postcopy_requests"), ".0f")
+                out.write(
+                    f"  {name:<14} blocktime {blocktime:>5} ms {spread:<11} {requests:>6} page requests, "
+                    f"{_fmt(report.median(name, 'postcopy', 'total_s'), '.2f'):>6} s total\n"
+                )
 
 
 def write_json(report: Report, path: Path) -> None:
@@ -391,7 +455,8 @@ def plot(report: Report, path: Path) -> None:
     ax1.set_xticks([j + width * (len(tests) - 1) / 2 for j in range(len(names))], names, rotation=35, ha="right")
     ax1.set_ylabel("MB/s (median, aggregate)")
     ax1.set_title("Throughput through a forwarder pair")
-    ax1.legend()
+    if tests:
+        ax1.legend()
     cpu_names = [n for n in names if report.median(n, "streams=1", "cpu_s_per_gb") is not None]
     ax2.bar(cpu_names, [report.median(n, "streams=1", "cpu_s_per_gb") or 0 for n in cpu_names], color="tab:red")
     ax2.set_ylabel("CPU seconds per GB (both forwarders)")
@@ -413,6 +478,7 @@ def main(
     migration_reps: int,
     flood_reps: int | None,
     out: Path,
+    postcopy_reps: int = 0,
 ) -> None:
     """`migrelay bench`: every benchmark in one interleaved run; the table, then JSON and a plot in `out`."""
     from relay.core.errors import LocalError
@@ -429,16 +495,18 @@ def main(
         from tqdm import tqdm
     except ImportError:
         raise LocalError("migrelay bench needs its extra: pip install 'migrelay[bench]'") from None
-    migrations = migration_reps
-    if migrations and (why := migration.available()) is not None:
-        print(f"migrelay bench: skipping the QEMU migration benchmark: {why}", file=sys.stderr)
-        migrations = 0
+    migrations, postcopies = migration_reps, postcopy_reps
+    if (migrations or postcopies) and (why := migration.available()) is not None:
+        print(f"migrelay bench: skipping the QEMU migration benchmarks: {why}", file=sys.stderr)
+        migrations = postcopies = 0
     floods = (reps if flood_reps is None else flood_reps) if "migrelay-tls" in names else 0
-    steps = reps * (len(streams) + 1) * len(names) + migrations * len(MIGRATION_SETUPS) + floods
+    steps = reps * (len(streams) + 1) * len(names) + (migrations + postcopies) * len(MIGRATION_SETUPS) + floods
     with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         report = run(names, streams, size, reps, rtt_count, progress=bar.update)
         if migrations:
             run_migrations(report, migrations, progress=bar.update)
+        if postcopies:
+            run_migrations(report, postcopies, progress=bar.update, test="postcopy")
         if floods:
             run_flood(report, floods, size, progress=bar.update)
     table(report, sys.stdout)

@@ -104,6 +104,31 @@ def socat(root: Path, transport: str) -> Setup:
     return Setup(name, "plain", entry, sink, procs)
 
 
+def socat_tls(root: Path) -> Setup:
+    """socat with OpenSSL on both ends, mutual authentication: the usual hand-made TLS pipe."""
+    d = make_pki(root)
+    entry, sink, port = root / "socat-tls-in.sock", root / "socat-tls-sink.sock", free_port()
+    b = ["-b", str(SOCAT_BUFFER_BYTES)]
+    server = [
+        "socat",
+        *b,
+        f"OPENSSL-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,cert={d}/hvB.pem,key={d}/hvB-key.pem,"
+        f"cafile={d}/ca.pem,verify=1",
+        f"UNIX-CONNECT:{sink}",
+    ]
+    client = [
+        "socat",
+        *b,
+        f"UNIX-LISTEN:{entry},fork",
+        f"OPENSSL:127.0.0.1:{port},cert={d}/hvA.pem,key={d}/hvA-key.pem,cafile={d}/ca.pem,commonname=hvB",
+    ]
+    procs = [spawn(server, root / "socat-tls-b.log")]
+    time.sleep(0.3)
+    procs.append(spawn(client, root / "socat-tls-a.log"))
+    wait_for(entry, procs, "socat-tls")
+    return Setup("socat-tls", "tls", entry, sink, procs)
+
+
 def stunnel(root: Path) -> Setup:
     d = make_pki(root)
     entry, sink, port = root / "stunnel-in.sock", root / "stunnel-sink.sock", free_port()
@@ -187,6 +212,8 @@ ALL: Final = (
 def start(name: str, root: Path) -> Setup:
     if name == "direct":
         return direct(root)
+    if name == "socat-tls":  # the migration rows' baseline, not in ALL
+        return socat_tls(root)
     if name.startswith("socat-"):
         return socat(root, name.removeprefix("socat-"))
     if name == "stunnel":
