@@ -26,6 +26,7 @@ from relay.tools import guest
 # QEMU 7.2 caps precopy at 32 MiB/s by default; whoever does not want a cap lifts it.
 UNCAPPED_BYTES_PER_S: Final = 1 << 40
 READER_START_TIMEOUT_S: Final = 60.0
+QMP_START_TIMEOUT_S: Final = 10.0
 
 # pc machine: guest-physical 0xA0000-0xFFFFF is VGA and BIOS ROM, not the RAM backend.
 PC_HOLE: Final = range(0xA0000, 0x100000)
@@ -92,6 +93,10 @@ class Qemu:
         return self.workdir / f"{self.name}-qmp.sock"
 
     @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}-qemu.log"
+
+    @property
     def kernel_path(self) -> Path:
         return self.workdir / f"{self.name}-reader.bin"
 
@@ -107,6 +112,7 @@ class Qemu:
 
     async def start(self) -> None:
         from qemu.qmp import QMPClient
+        from qemu.qmp.protocol import ConnectError
 
         args = [
             "qemu-system-x86_64",
@@ -139,15 +145,24 @@ class Qemu:
             args += ["-kernel", str(self.kernel_path)]
         if self.incoming:
             args += ["-incoming", "defer"]
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv_prefix, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        self.qmp = QMPClient(self.name)
-        for _ in range(200):
-            if self.qmp_path.exists():
-                break
+        # QEMU's own messages (why a migration failed, why it exited) stay beside its QMP socket
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv_prefix, *args, stdout=subprocess.DEVNULL, stderr=log
+            )
+        # QEMU binds its QMP socket, then listens: the file appears a moment before a connect works
+        deadline = time.monotonic() + QMP_START_TIMEOUT_S
+        while True:
+            self.qmp = QMPClient(self.name)
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                return
+            except ConnectError as e:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"{self.name}: QEMU exited ({self.proc.returncode}); see {self.log_path}") from e
+                if time.monotonic() > deadline:
+                    raise
             await asyncio.sleep(0.05)
-        await self.qmp.connect(str(self.qmp_path))
 
     async def cmd(self, command: str, **args: Any) -> Any:
         return await self.qmp.execute(command, args or None)
