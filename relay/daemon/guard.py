@@ -3,7 +3,7 @@
 Every per-connection task (a peer connection, an overlay client, a forwarded stream,
 a /metrics or control request) runs inside `contained()`: whatever escapes the
 task's own error handling is a bug, and a bug in one connection must cost that
-connection only. It is logged once with its traceback, counted in
+connection only. It is logged with its traceback (once a second per place at most), counted in
 `migrelay_internal_errors_total{where}`, the task's sockets are closed, and every
 other stream goes on. Cancellation (shutdown) is not an error and passes through.
 
@@ -42,7 +42,15 @@ def contained(where: str, errors: Counter, *closables: Closable) -> Iterator[lis
     try:
         yield owned
     except Exception:
-        log.exception("internal error in %s; this connection is closed, the relay goes on", where)
+        # with its traceback, once a second per place at most: whoever can trigger a bug at
+        # will must not flood the journal with it (the counter has every one)
+        _BUGS.log(
+            logging.ERROR,
+            where,
+            "internal error in %s; this connection is closed, the relay goes on",
+            where,
+            exc_info=True,
+        )
         errors.labels(where).inc()
         _close_all(owned)
     except BaseException:  # cancelled (shutdown past its drain deadline): nothing to report
@@ -75,7 +83,7 @@ class RateLimitedLog:
     def warning(self, reason: str, message: str, *args: object) -> None:
         self.log(logging.WARNING, reason, message, *args)
 
-    def log(self, level: int, reason: str, message: str, *args: object) -> None:
+    def log(self, level: int, reason: str, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         last = self._last.get(reason)
         if last is not None and now - last < self._every_s:
@@ -85,4 +93,7 @@ class RateLimitedLog:
         self._last[reason] = now
         skipped = self._skipped.pop(reason, 0)
         suffix = f" ({skipped} more like it not logged)" if skipped else ""
-        self._log.log(level, message + suffix, *args)
+        self._log.log(level, message + suffix, *args, exc_info=exc_info)
+
+
+_BUGS: Final = RateLimitedLog(log)

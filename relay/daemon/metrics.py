@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -56,6 +56,11 @@ MAX_HTTP_CONNECTIONS: Final = 8
 HTTP_LINGER_S: Final = 1.0
 HTTP_LINGER_BYTES: Final = 64 << 10
 METRICS_PATHS: Final = frozenset({b"/metrics", b"/"})
+# Requests within this long of a render get the same body: a scrape loop costs one render
+# per format per period (Prometheus scrapes every 15 s or more, and sees values at most
+# this old). gzip's fastest levels cost a tenth of level 9 for a few % more bytes.
+RENDER_CACHE_S: Final = 1.0
+GZIP_LEVEL: Final = 1
 
 # From a libvirt RPC connection that lives for one virsh call (well under a second) to
 # an NBD copy of a large disk (hours); the steps are coarse where nobody asks "2 or 3 s?".
@@ -276,8 +281,41 @@ class Metrics:
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition and its content type: text format 0.0.4, or what `accept` asks for
         (OpenMetrics, which Prometheus asks for)."""
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = _encoder(accept)
         return encoder(self.registry), content_type
+
+
+def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    try:
+        return choose_encoder(accept)
+    except Exception:  # prometheus-client raises on some malformed Accept values ("version=a")
+        return choose_encoder("")  # the text format, as for a client that asks for nothing
+
+
+class _Exposition:
+    """The rendered (and gzipped) exposition, kept for RENDER_CACHE_S per format.
+
+    A render runs on the thread that moves every stream's bytes and costs milliseconds
+    (tens with many peers); whoever can reach the port may ask in a loop. Served from this
+    cache, a loop of requests costs the relay at most one render per format per period.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._kept: dict[tuple[str, bool], tuple[float, bytes]] = {}
+
+    def get(self, accept: str, gzipped: bool) -> tuple[bytes, str]:
+        encoder, content_type = _encoder(accept)
+        key = (content_type, gzipped)
+        now = trio.current_time()
+        kept = self._kept.get(key)
+        if kept is not None and now - kept[0] < RENDER_CACHE_S:
+            return kept[1], content_type
+        body = encoder(self._metrics.registry)
+        if gzipped:
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+        self._kept[key] = (now, body)
+        return body, content_type
 
 
 # --- the endpoint ---------------------------------------------------------------------
@@ -289,6 +327,7 @@ async def serve_metrics(
     """GET or HEAD /metrics (or /) over HTTP/1.1, at most MAX_HTTP_CONNECTIONS at a time."""
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     slots = _Slots(MAX_HTTP_CONNECTIONS)
+    exposition = _Exposition(metrics)
     async with trio.open_nursery() as nursery:
         task_status.started()
 
@@ -299,7 +338,7 @@ async def serve_metrics(
                 return
             try:
                 with contained("metrics", metrics.internal_errors, stream.socket):
-                    await _serve_connection(stream, metrics, slots)
+                    await _serve_connection(stream, exposition, slots)
             finally:
                 slots.used -= 1
 
@@ -307,36 +346,39 @@ async def serve_metrics(
 
 
 class _Slots:
-    """At most `cap` connections, of which those idling between requests give way to a newcomer.
+    """At most `cap` connections; when all are taken, the oldest one still waiting for a
+    request (idle between scrapes, silent, or trickling its request) is closed for a newcomer.
 
-    The oldest idle one is closed for it (a scraper that comes back reconnects, as after any
-    idle close); a connection that is sending its request or taking its answer keeps its slot
-    for the deadlines above. The count may pass `cap` by the connections being closed for a
-    newcomer, for the moment they take to go.
+    As with unauthenticated peer connections (admission.py), a flood evicts itself: a real
+    scraper sends its request at once and is answered within milliseconds, so it is always
+    among the newest; one kept alive that comes back after its eviction reconnects, as after
+    any idle close. A connection taking its answer keeps its slot (for HTTP_ANSWER_TIMEOUT_S
+    at most). The count may pass `cap` by the connections being closed for a newcomer, for
+    the moment they take to go.
     """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.used = 0
-        self._idle: OrderedDict[trio.CancelScope, None] = OrderedDict()
+        self._waiting: OrderedDict[trio.CancelScope, None] = OrderedDict()
 
     def take(self) -> bool:
         if self.used >= self.cap:
-            if not self._idle:
+            if not self._waiting:
                 return False
-            oldest, _ = self._idle.popitem(last=False)
+            oldest, _ = self._waiting.popitem(last=False)
             oldest.cancel()
         self.used += 1
         return True
 
     @contextlib.contextmanager
-    def idle(self, scope: trio.CancelScope) -> Iterator[None]:
-        """While in this block the connection is idle: closing it (cancelling `scope`) loses nothing."""
-        self._idle[scope] = None
+    def evictable(self, scope: trio.CancelScope) -> Iterator[None]:
+        """While in this block the connection waits for a request: a newcomer may take its slot."""
+        self._waiting[scope] = None
         try:
             yield
         finally:
-            self._idle.pop(scope, None)
+            self._waiting.pop(scope, None)
 
 
 @dataclass(frozen=True)
@@ -354,7 +396,7 @@ class _TooLarge(Exception):
     """A request body over MAX_HTTP_REQUEST_BYTES (h11 caps the headers itself)."""
 
 
-async def _serve_connection(stream: trio.SocketStream, metrics: Metrics, slots: _Slots) -> None:
+async def _serve_connection(stream: trio.SocketStream, exposition: _Exposition, slots: _Slots) -> None:
     """Answer the requests of one connection until it closes, errs, is too slow or idles."""
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_REQUEST_BYTES)
     # the first request has HTTP_REQUEST_TIMEOUT_S from the accept, the wait for its first byte included
@@ -364,32 +406,35 @@ async def _serve_connection(stream: trio.SocketStream, metrics: Metrics, slots: 
         while True:
             answer: _Answer | None = None
             head = False
-            if not http.trailing_data[0]:  # no pipelined request already here
-                # idle until a byte of the next request comes: that slot may go to a newcomer
-                with trio.move_on_after(idle_s) as waiting, slots.idle(waiting):
-                    await trio.lowlevel.wait_readable(stream.socket)
-                if waiting.cancel_called:  # even if the byte came just as it was called
-                    return  # idle for too long, or its slot went to a newcomer
-            # a request kept alive for has HTTP_REQUEST_TIMEOUT_S from its first byte
-            deadline = min(deadline, trio.current_time() + HTTP_REQUEST_TIMEOUT_S)
-            with trio.move_on_at(deadline):
-                try:
-                    request = await _receive_request(stream, http)
-                except (trio.BrokenResourceError, OSError):
-                    return  # the client reset the connection mid-request: nobody to answer
-                except h11.RemoteProtocolError as e:
-                    # not HTTP, or headers over the cap (431): say so, then close
-                    status = e.error_status_hint
-                    answer = _Answer.plain(status, f"{HTTPStatus(status).phrase}\n", ("Connection", "close"))
-                except _TooLarge:
-                    answer = _Answer.plain(413, "request too large\n", ("Connection", "close"))
-                else:
-                    if request is None:
-                        return  # the client closed between requests
-                    answer = _respond(request, metrics)
-                    head = request.method == b"HEAD"
+            # until its request is in, the connection may give its slot to a newcomer
+            with trio.CancelScope() as evictable, slots.evictable(evictable):
+                if not http.trailing_data[0]:  # no pipelined request already here
+                    with trio.move_on_after(idle_s) as idling:
+                        await trio.lowlevel.wait_readable(stream.socket)
+                    if idling.cancelled_caught:
+                        return  # no request for too long: a silent client, or an idle keep-alive
+                # a request kept alive for has HTTP_REQUEST_TIMEOUT_S from its first byte
+                deadline = min(deadline, trio.current_time() + HTTP_REQUEST_TIMEOUT_S)
+                with trio.move_on_at(deadline):
+                    try:
+                        request = await _receive_request(stream, http)
+                    except (trio.BrokenResourceError, OSError):
+                        return  # the client reset the connection mid-request: nobody to answer
+                    except h11.RemoteProtocolError as e:
+                        # not HTTP, or headers over the cap (431): say so, then close
+                        status = e.error_status_hint
+                        answer = _Answer.plain(status, f"{HTTPStatus(status).phrase}\n", ("Connection", "close"))
+                    except _TooLarge:
+                        answer = _Answer.plain(413, "request too large\n", ("Connection", "close"))
+                    else:
+                        if request is None:
+                            return  # the client closed between requests
+                        answer = _respond(request, exposition)
+                        head = request.method == b"HEAD"
+            if evictable.cancel_called:  # even if the request came just as it was called
+                return  # its slot went to a newcomer
             if answer is None:
-                return  # no whole request in time: a silent or trickling client, or an idle keep-alive
+                return  # no whole request in time (a silent or trickling client), or idle for too long
             if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or not await _send(stream, http, answer, head):
                 return
             if http.their_state is h11.ERROR or http.their_state is h11.SEND_BODY:
@@ -444,17 +489,17 @@ async def _receive_request(stream: trio.SocketStream, http: h11.Connection) -> h
             return None
 
 
-def _respond(request: h11.Request, metrics: Metrics) -> _Answer:
+def _respond(request: h11.Request, exposition: _Exposition) -> _Answer:
     if request.method not in (b"GET", b"HEAD"):
         return _Answer.plain(405, "only GET and HEAD\n", ("Allow", "GET, HEAD"))
     if request.target.split(b"?", 1)[0] not in METRICS_PATHS:
         return _Answer.plain(404, "try /metrics\n")
     accept = b",".join(value for name, value in request.headers if name == b"accept").decode("latin-1")
     encodings = b",".join(value for name, value in request.headers if name == b"accept-encoding").decode("latin-1")
-    body, content_type = metrics.render(accept)
+    gzipped = gzip_accepted(encodings)
+    body, content_type = exposition.get(accept, gzipped)
     headers = [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
-    if gzip_accepted(encodings):
-        body = gzip.compress(body)
+    if gzipped:
         headers.append(("Content-Encoding", "gzip"))
     return _Answer(200, headers, body)
 

@@ -26,6 +26,7 @@ from relay.daemon.metrics import (
     HTTP_REQUEST_TIMEOUT_S,
     MAX_HTTP_CONNECTIONS,
     MAX_HTTP_REQUEST_BYTES,
+    RENDER_CACHE_S,
     openssl_version,
 )
 from relay.daemon.server import Daemon
@@ -164,6 +165,23 @@ async def test_idle_connections_give_their_slots_to_a_newcomer(
         assert counted(rb, "migrelay_refused_total", reason="metrics_connections") == 0
 
 
+async def test_a_scrape_gets_through_connections_that_hold_half_a_request(tmp_path: Path) -> None:
+    """Three times the cap of connections, each with one byte of a request: the oldest make room
+    for newcomers, so a scraper (which sends its whole request at once) is always answered."""
+    async with endpoint(tmp_path) as (_, port):
+        holders = []
+        for _ in range(3 * MAX_HTTP_CONNECTIONS):
+            holder = await trio.open_tcp_stream("127.0.0.1", port)
+            await holder.send_all(b"G")
+            holders.append(holder)
+        for _ in range(3):
+            scraper = await Client.connect(port)
+            assert (await scraper.request())[0].status_code == 200
+            await scraper.stream.aclose()
+        for holder in holders:
+            await holder.aclose()
+
+
 async def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path, patient_autojump: trio.abc.Clock) -> None:
     async with endpoint(tmp_path) as (_, port):
         client = await Client.connect(port)
@@ -249,6 +267,34 @@ async def test_openmetrics_when_the_scraper_asks_for_it(tmp_path: Path) -> None:
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith(b"# EOF\n")
     assert b"# TYPE migrelay_build info\n" in body
+
+
+async def test_an_accept_header_the_encoder_chokes_on_gets_the_text_format(tmp_path: Path) -> None:
+    """prometheus-client raises on `version=a`: that is the client's mistake, not a relay bug."""
+    async with endpoint(tmp_path) as (rb, port):
+        client = await Client.connect(port)
+        request = h11.Request(
+            method="GET", target="/metrics", headers=[HOST, ("Accept", "application/openmetrics-text; version=a")]
+        )
+        await client.stream.send_all((client.http.send(request) or b"") + (client.http.send(h11.EndOfMessage()) or b""))
+        response, body = await client.response()
+        assert response.status_code == 200
+        assert (header(response, b"content-type") or b"").startswith(b"text/plain; version=0.0.4")
+        assert b"migrelay_build_info" in body
+        assert counted(rb, "migrelay_internal_errors_total", where="metrics") == 0
+
+
+async def test_a_scrape_loop_costs_one_render_a_second(tmp_path: Path, patient_autojump: trio.abc.Clock) -> None:
+    """Requests within RENDER_CACHE_S of a render get its body; the next one after it is fresh."""
+    async with endpoint(tmp_path) as (rb, port):
+        client = await Client.connect(port)
+        first = (await client.request())[1]
+        rb.metrics.reloads.inc()
+        assert (await client.request())[1] == first  # the same render
+        await trio.sleep(RENDER_CACHE_S)
+        fresh = (await client.request())[1]
+        assert ("migrelay_reloads_total", frozenset()) in parse_metrics(first.decode())
+        assert b"migrelay_reloads_total 1.0" in fresh and b"migrelay_reloads_total 0.0" in first
 
 
 @pytest.mark.parametrize(
