@@ -787,6 +787,9 @@ async def continue_outbound(ctx: Forwarding, peer: PeerConfig, socket_name: str,
     back: it may have moved the stream already, so the stream cannot go on either way.
     """
     assert peer.address is not None  # we dialled it for this very stream
+    if ctx.client_tls is None:
+        # a reload left no TLS peer, so no TLS context: the stream runs on where it is
+        raise SwitchDeclined(f"no TLS peers configured since the reload: {peer.name} is not asked", refused=True)
     raw: trio.socket.SocketType | None = None
     asked = False
     try:

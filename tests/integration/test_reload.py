@@ -171,6 +171,36 @@ async def test_a_removed_peer_is_refused_and_its_stream_in_flight_completes(tmp_
         servers.cancel_scope.cancel()
 
 
+async def test_a_source_left_with_no_tls_peer_keeps_its_stream_running(tmp_path: Path, p: Pki) -> None:
+    """hvA's reload removes hvB, its only TLS peer, so hvA builds no TLS context any more: the
+    stream's next switch onto a fresh connection is declined on hvA's side, and it ends byte-exact
+    on the connection it has (an assertion ended it, found by the attacker review)."""
+    mib = 1 << 20
+    a, b = pair_configs(tmp_path, p, "tls", rekey_after_bytes=mib)
+    async with running(a, b) as (ra, _), trio.open_nursery() as servers:
+        servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
+        good = await connect(tmp_path / "hvA/hvB/migration.sock")
+        digest = hashlib.sha256()
+        chunk = b"x" * mib
+        for _ in range(3):
+            await send_all(good, chunk)
+            digest.update(chunk)
+        await eventually(lambda: counted(ra, "migrelay_tls_rekeys_total", role="client", result="ok") >= 2)
+        rewrite((tmp_path / "hvA.toml"), peers={})
+        assert (await ra.reload()).startswith("1 peer removed (hvB)")
+        assert ra.context is not None and ra.context.client_tls is None
+        for _ in range(3):
+            await send_all(good, chunk)
+            digest.update(chunk)
+        good.shutdown(socket.SHUT_WR)
+        with trio.fail_after(10):
+            assert (await good.recv(100)).decode() == digest.hexdigest()
+        good.close()
+        assert counted(ra, "migrelay_tls_rekeys_total", role="client", result="refused") >= 1
+        assert counted(ra, "migrelay_internal_errors_total", where="stream") == 0
+        servers.cancel_scope.cancel()
+
+
 def broken_toml(path: Path) -> str:
     path.write_text(path.read_text() + "\n[relay\n")
     return "is not valid TOML"
