@@ -148,8 +148,9 @@ class Forwarding:
         against the new CA bundle (and CRL), and pyOpenSSL refuses a session made by another
         context anyway (ValueError: the stream would fail).
         """
-        for gone in self.config.peers.keys() - config.peers.keys():
-            self.forget_peer(gone)
+        for name in self.config.peers:
+            if name not in config.peers or config.peers[name].address is None:
+                self.forget_peer(name)  # removed, or now only accepted from: we dial it no more
         self.config = config
         self.server_tls, self.client_tls = server_tls, client_tls
         self.tls_tickets.clear()
@@ -171,7 +172,8 @@ class Forwarding:
         """The outcome of a dial or a probe to `peer`: it answered (a refusal is an answer), or
         `error`. Feeds migrelay_peer_up and `migrelay status` (peers we dial, with an address)."""
         # a stream that began before a reload removed its peer says nothing about the peers now
-        if peer.address is None or peer.name not in self.config.peers:
+        current = self.config.peers.get(peer.name)
+        if peer.address is None or current is None or current.address is None:
             return
         self.metrics.peer_up.labels(peer.name).set(0 if error else 1)
         link = self.links.setdefault(peer.name, PeerLink())
@@ -254,6 +256,7 @@ class ClosedBeforeHeader(ProtocolError):
     """
 
     known = False
+    names: frozenset[str] = frozenset()  # the prober's certificate names, when not known
 
 
 async def read_header(conn: Conn, reader: HeaderReader[T]) -> T:
@@ -561,7 +564,13 @@ async def _accept_request(
             request = await read_header(conn, RequestReader())
         except ClosedBeforeHeader as e:
             probe = True
-            e.known = kind == "unix" or not names.isdisjoint(ctx.config.peers)
+            # unix: only root can connect; tcp:// has no identity to check (an insecure
+            # transport anyone who reaches it may use); TLS: a configured peer's certificate
+            e.known = kind != "tls" or not names.isdisjoint(ctx.config.peers)
+            if not e.known:
+                # a certificate of our CA(s) that names no peer: counted as any such connection is
+                e.names = names
+                ctx.count_handshake_failure("unknown_peer")
             raise
         except UnsupportedVersion as e:
             raise _Answerable(conn, Refused(STATUS_UNSUPPORTED_VERSION, str(e)), unidentified="protocol") from None
@@ -671,7 +680,14 @@ async def _serve_inbound(
             if e.known:  # routine: every peer probes every PEER_PROBE_INTERVAL_S (relay/daemon/probe.py)
                 log.debug("%s completed a handshake and closed (a probe)", who)
             else:
-                ctx.anyone_log.log(logging.INFO, "probe", "%s completed a handshake and closed (a probe)", who)
+                named = printable(", ".join(sorted(e.names))) or "nothing"
+                ctx.anyone_log.log(
+                    logging.INFO,
+                    "probe",
+                    "%s (certificate naming %s, not a peer) completed a handshake and closed",
+                    who,
+                    named,
+                )
             raw.close()
             return
         except OverLimit:

@@ -392,6 +392,25 @@ async def test_a_check_probe_is_logged_as_a_probe_not_a_failure(
         assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name == "migrelay.forward"]
 
 
+async def test_a_probe_with_a_certificate_of_no_peer_is_counted_and_named(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host of our CA that is not a peer (hvX) handshakes and hangs up: not a routine probe. It is
+    counted as a handshake of an unknown peer and logged with the names its certificate carries."""
+    from relay.tools.check import run_check
+
+    caplog.set_level(logging.INFO, logger="migrelay.forward")
+    a, b = pair_configs(tmp_path, p, "tls")
+    pki.issue(p.dir, "hvX")
+    stranger = dataclasses.replace(a, name="hvX", tls=loopback.tls_files(p.dir, "hvX"))
+    async with running(b) as (rb,):
+        await run_check(stranger)
+        await eventually(lambda: counted(rb, "migrelay_handshake_failures_total", reason="unknown_peer") == 1)
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        assert any("certificate naming hvX, not a peer" in line for line in lines), lines
+        assert counted(rb, "migrelay_connections_total") == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give sockets to another group")
 async def test_socket_group_owns_the_overlay(tmp_path: Path, p: Pki) -> None:
     """With socket_group, a hypervisor running as that group can use the overlay (Debian: libvirt-qemu)."""

@@ -121,6 +121,18 @@ async def test_peers_and_channels_added_and_removed_take_effect_at_once(tmp_path
     assert overlay(tmp_path, "hvA", "hvB") == set()
 
 
+async def test_a_peer_made_accept_only_loses_its_peer_up_series(tmp_path: Path, p: Pki) -> None:
+    """hvA stops dialling hvB (no address): migrelay_peer_up{peer="hvB"} goes, rather than staying
+    at whatever the last probe found while nothing probes it any more."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    async with running(b, a) as (_, ra):
+        await eventually(lambda: "hvB" in peers_up(ra))  # the probe at start
+        rewrite((tmp_path / "hvA.toml"), peers={"hvB": dataclasses.replace(a.peers["hvB"], address=None)})
+        await ra.reload()
+        assert "hvB" not in peers_up(ra)
+        assert ra.control is not None and ra.control.status()["peers"]["hvB"]["last_dial"] == "never"
+
+
 async def test_a_changed_peer_address_applies_to_the_next_connection(tmp_path: Path, p: Pki) -> None:
     """The overlay listener stays (no window in which clients find no socket); the next dial goes to the new address."""
     a, b = pair_configs(tmp_path, p, "tls")
