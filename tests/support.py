@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from OpenSSL import SSL
 
 from relay.core import config
 from relay.core.config import Transport
@@ -189,3 +190,16 @@ def odd_version_certificate(ca_dir: Path, name: str, version: int = 5) -> tuple[
     pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(odd) + b"-----END CERTIFICATE-----\n"
     cert_path.write_bytes(pem)
     return cert_path, key_path
+
+
+def raw_client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> SSL.Context:
+    """A TLS 1.3 client context as any TLS stack would build it from files: it loads what
+    OpenSSL takes, which includes certificates a relay refuses to load (cryptography cannot
+    read them), so a test can present them to a relay."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    if cert is not None and key is not None:
+        ctx.use_certificate_chain_file(str(cert))
+        ctx.use_privatekey_file(str(key))
+    ctx.load_verify_locations(str(ca))
+    return ctx

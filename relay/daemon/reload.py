@@ -35,7 +35,7 @@ from OpenSSL import SSL
 from relay.core import config
 from relay.core.config import Config, TlsFiles
 from relay.core.errors import LocalError
-from relay.daemon.tlsconfig import Identity, client_context, load_identity, server_context
+from relay.daemon.tlsconfig import Identity, client_context, load_identity, read_tls_file, server_context
 
 log = logging.getLogger("migrelay.reload")
 
@@ -107,7 +107,7 @@ def tls_digest(files: TlsFiles | None) -> bytes:
         if isinstance(value, Path):
             h.update(f.name.encode() + b"\0")
             try:
-                h.update(value.read_bytes())
+                h.update(read_tls_file(value))
             except OSError as e:  # loading the contexts reports it; here it only has to differ
                 h.update(f"unreadable: {e}".encode())
     return h.digest()

@@ -304,7 +304,7 @@ class Daemon:
         old, ctx, control = self._material, self.context, self.control
         assert old is not None and ctx is not None and control is not None  # set before READY=1
         # blocking file reads and NSS lookups: off the thread that runs the streams
-        new = await trio.to_thread.run_sync(prepare, self.config)
+        new = await trio.to_thread.run_sync(prepare, self.config, abandon_on_cancel=True)  # a stop never waits for it
         cfg = new.config
         wanted = {(peer.name, name): peer for peer in cfg.peers.values() for name in peer.channels}
         missing = [(peer, name) for (_, name), peer in wanted.items() if (peer.name, name) not in self._overlay]

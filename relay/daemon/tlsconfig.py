@@ -10,7 +10,10 @@ so contexts rebuilt from the config (a reload) check against the CRL file as it 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,11 @@ from relay.daemon import tls_fastpath
 
 # Lets pyOpenSSL/OpenSSL resume TLS 1.3 sessions across our many short connections.
 SESSION_ID_CONTEXT: Final = b"migrelay"
-_PEM_CRL: Final = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+# Linear in the file's size whatever it holds (a lazy ".+?" was quadratic on BEGIN lines
+# without an END: 200 KiB of them held the relay's thread for 20 s, regex holds the GIL).
+_PEM_CRL: Final = re.compile(rb"-----BEGIN X509 CRL-----[A-Za-z0-9+/=\r\n\t ]*-----END X509 CRL-----")
+# Certificates, keys, bundles and CRLs are kilobytes; a CRL of a large CA a few MiB.
+MAX_TLS_FILE_BYTES: Final = 64 << 20
 
 ExpiryKind = Literal["own", "ca", "crl"]
 
@@ -64,9 +71,30 @@ class Identity:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
 
 
+def read_tls_file(path: Path) -> bytes:
+    """A TLS file's bytes: a regular file of at most MAX_TLS_FILE_BYTES, read once.
+
+    Opened without blocking and checked before it is read, so a FIFO, a device (/dev/zero)
+    or a huge file at a path whoever refreshes the file can change (a CRL fetched by a
+    cron job) fails the start or the reload with one line, instead of hanging it or
+    filling memory. Raises OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_TLS_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_TLS_FILE_BYTES >> 20} MiB")
+        data = f.read(MAX_TLS_FILE_BYTES + 1)
+    if len(data) > MAX_TLS_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_TLS_FILE_BYTES >> 20} MiB")
+    return data
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_tls_file(path)
     except OSError as e:
         raise PkiError(f"Failed to load [tls] {what} {path}: {(e.strerror or str(e)).lower()}") from None
 
@@ -92,7 +120,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 def _load_cas(files: TlsFiles) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(_read(files.ca, "ca"))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise PkiError(f"Failed to load [tls] ca {files.ca}: not a PEM certificate") from None
 
 
@@ -161,7 +189,7 @@ def load_identity(files: TlsFiles, *, now: dt.datetime | None = None) -> Identit
     cas = _load_cas(files)
     try:
         cert = x509.load_pem_x509_certificate(_read(files.cert, "cert"))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise PkiError(f"Failed to load [tls] cert {files.cert}: not a PEM certificate") from None
     try:
         key = serialization.load_pem_private_key(_read(files.key, "key"), password=None)
@@ -299,17 +327,27 @@ def resumed(conn: SSL.Connection) -> bool:
 def _context(files: TlsFiles, server: bool) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    # from bytes read once each (read_tls_file), never by path inside OpenSSL
+    cas = _load_cas(files)
     try:
-        ctx.use_certificate_chain_file(str(files.cert))
-        ctx.use_privatekey_file(str(files.key))
+        chain = x509.load_pem_x509_certificates(_read(files.cert, "cert"))
+        key = serialization.load_pem_private_key(_read(files.key, "key"), password=None)
+    except (ValueError, TypeError, x509.InvalidVersion) as e:
+        raise PkiError(f"Failed to load [tls] cert {files.cert} or key {files.key}: {e}") from None
+    store = ctx.get_cert_store()
+    assert store is not None  # every SSL_CTX has one
+    try:
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
         ctx.check_privatekey()
-        ctx.load_verify_locations(str(files.ca))
-    except SSL.Error as e:
+        for ca in cas:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+    except (SSL.Error, crypto.Error, TypeError, ValueError) as e:
         raise PkiError(f"Failed to load [tls] files ({files.cert}, {files.key}, {files.ca}): {e}") from None
-    crls = load_crls(files, _load_cas(files))  # read now: a context built later sees the file as it is then
+    crls = load_crls(files, cas)  # read now: a context built later sees the file as it is then
     if crls:
-        store = ctx.get_cert_store()
-        assert store is not None  # every SSL_CTX has one
         for crl in crls:
             store.add_crl(crl)
         # every certificate of the chain, not only the peer's own: an intermediate CA can be revoked too

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from OpenSSL import SSL
 
-from relay.core.config import Config, TlsFiles
+from relay.core.config import Config
 from relay.core.protocol import Reply, ReplyReader
 from relay.daemon.datapath import TlsConn
 from relay.daemon.forward import read_header
 from relay.daemon.server import Daemon
-from relay.daemon.tlsconfig import client_context
-from tests.support import Pki, connect, listen, make_pki, recv_stream, send_stream
+from tests.support import Pki, connect, listen, make_pki, raw_client_context, recv_stream, send_stream
 
 
 @pytest.fixture
@@ -101,11 +99,10 @@ class BadPeer:
 
     async def open(self, cert: str = "hvA", ca_dir: Path | None = None, with_cert: bool = True) -> TlsConn:
         folder = ca_dir or self.p.dir
-        files = TlsFiles(self.p.dir / "ca.pem", folder / f"{cert}.pem", folder / f"{cert}-key.pem")
-        ctx = client_context(files)
-        if not with_cert:
-            ctx = SSL.Context(SSL.TLS_METHOD)
-            ctx.load_verify_locations(str(self.p.dir / "ca.pem"))
+        if with_cert:
+            ctx = raw_client_context(self.p.dir / "ca.pem", folder / f"{cert}.pem", folder / f"{cert}-key.pem")
+        else:
+            ctx = raw_client_context(self.p.dir / "ca.pem")
         addr = self.b.listen[0]
         sock = trio.socket.socket()
         await sock.connect((addr.host, addr.port))

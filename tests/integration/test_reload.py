@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -233,6 +234,26 @@ def wrong_key(path: Path) -> str:
     return "does not match"
 
 
+def crl_is_a_fifo(path: Path) -> str:
+    """Whoever refreshes a CRL put a FIFO there: reading it would hang the reload (and a stop)."""
+    fifo = path.parent / "crl-fifo.pem"
+    os.mkfifo(fifo)
+    cfg = config.load(path)
+    assert cfg.tls is not None
+    rewrite(path, tls=dataclasses.replace(cfg.tls, crl=fifo))
+    return "crl-fifo.pem: not a regular file"
+
+
+def crl_is_dev_zero(path: Path) -> str:
+    """A symlink to a device that reads without end."""
+    zero = path.parent / "crl-zero.pem"
+    zero.symlink_to("/dev/zero")
+    cfg = config.load(path)
+    assert cfg.tls is not None
+    rewrite(path, tls=dataclasses.replace(cfg.tls, crl=zero))
+    return "crl-zero.pem: not a regular file"
+
+
 def listen_changed(path: Path) -> str:
     rewrite(path, listen=(Address("tls", host="127.0.0.1", port=free_port()),))
     return "changing [relay] listen needs a restart"
@@ -262,6 +283,8 @@ def new_overlay_socket_blocked(path: Path) -> str:
         unknown_key,
         missing_cert,
         wrong_key,
+        crl_is_a_fifo,
+        crl_is_dev_zero,
         listen_changed,
         name_and_metrics_changed,
         new_overlay_socket_blocked,
