@@ -72,7 +72,10 @@ class _Overlay:
         """Stop accepting and remove the file, so new clients fail at once; its streams go on."""
         self.scope.cancel()
         self.sock.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as e:  # something else took its place (a folder): not ours to remove
+            log.warning("overlay %s closed, but its path could not be removed: %s", self.path, e.strerror or e)
 
 
 @dataclass
@@ -257,7 +260,10 @@ class Daemon:
 
     def _remove_socket_files(self) -> None:
         for path in self._socket_files:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # replaced by something that is not ours (a folder): leave it
+                log.warning("could not remove %s: %s", path, e.strerror or e)
         self._socket_files.clear()
 
     # --- reload -------------------------------------------------------------------------

@@ -134,6 +134,29 @@ async def test_a_peer_made_accept_only_loses_its_peer_up_series(tmp_path: Path, 
         assert ra.control is not None and ra.control.status()["peers"]["hvB"]["last_dial"] == "never"
 
 
+async def test_a_removed_channel_whose_path_was_replaced_still_reloads_whole(
+    tmp_path: Path, p: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder now sits where a removed channel's socket was: the reload still applies whole (it
+    half-applied and reported a failure), and says it could not remove that path."""
+    a, b = pair_configs(tmp_path, p, "tls")
+    c = third_relay(tmp_path, p)
+    async with running(a, b, c) as (ra, _, _):
+        nbd = tmp_path / "hvA/hvB/nbd.sock"
+        nbd.unlink()
+        nbd.mkdir()
+        hv_b = a.peers["hvB"]
+        hv_c = PeerConfig("hvC", c.listen[0], ("nbd.sock",))
+        rewrite(
+            (tmp_path / "hvA.toml"), peers={"hvB": dataclasses.replace(hv_b, channels=("migration.sock",)), "hvC": hv_c}
+        )
+        assert await ra.reload() == "1 peer added (hvC), 1 peer changed (hvB), TLS files unchanged"
+        assert overlay(tmp_path, "hvA", "hvC") == {"nbd.sock"}
+        assert overlay(tmp_path, "hvA", "hvB") == {"migration.sock"}
+        assert any("could not be removed" in r.getMessage() for r in caplog.records)
+        assert counted(ra, "migrelay_reload_failures_total") == 0
+
+
 async def test_a_changed_peer_address_applies_to_the_next_connection(tmp_path: Path, p: Pki) -> None:
     """The overlay listener stays (no window in which clients find no socket); the next dial goes to the new address."""
     a, b = pair_configs(tmp_path, p, "tls")
