@@ -7,6 +7,7 @@ for alerting and, from WARNING_DAYS before, logged once a day by the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -33,12 +34,17 @@ def publish(metrics: Metrics, identity: Identity) -> None:
     """Set migrelay_certificate_expiry_timestamp_seconds from what was just loaded.
 
     With several CAs in [tls] ca, cert="ca" is the first to expire: the one date an alert
-    needs, on a series whose labels do not change when a CA is added for a rollover.
+    needs, on a series whose labels do not change when a CA is added for a rollover; the
+    same for cert="crl", the first next update of the CRLs in [tls] crl (past it the
+    relay refuses every peer of that CA).
     """
-    for kind in ("own", "ca"):
+    for kind in ("own", "ca", "crl"):
         ends = [e.end for e in identity.expiries if e.kind == kind]
         if ends:
             metrics.certificate_expiry.labels(kind).set(min(ends).timestamp())
+        else:  # a reload dropped [tls] crl: no stale date for it
+            with contextlib.suppress(KeyError):
+                metrics.certificate_expiry.remove(kind)
 
 
 def _wall_clock() -> dt.datetime:

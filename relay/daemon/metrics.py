@@ -253,7 +253,8 @@ class Metrics:
         self.certificate_expiry = Gauge(
             "migrelay_certificate_expiry_timestamp_seconds",
             "When this relay's certificate (cert=own) and the first of the certificates in [tls] ca (cert=ca) "
-            "expire, as a Unix time; set whenever the TLS contexts are built.",
+            "expire, and the first next update of the CRLs in [tls] crl (cert=crl), as a Unix time; set "
+            "whenever the TLS contexts are built.",
             ["cert"],
             registry=self.registry,
         )

@@ -94,3 +94,24 @@ async def test_the_expiry_metric_and_a_first_warning_come_with_the_contexts(
         assert not_after(soon / "ca.pem") < not_after(p.dir / "ca.pem")
     warnings = [r.getMessage() for r in caplog.records if r.name == "migrelay.expiry"]
     assert len(warnings) == 1 and warnings[0].startswith(f"[tls] cert {own} expires on"), warnings
+
+
+async def test_the_crl_next_update_is_exported_and_goes_with_the_crl(tmp_path: Path, p: Pki) -> None:
+    """cert="crl": past the CRL's next update the relay refuses every peer of its CA, so alert on it
+    too; a reload that drops [tls] crl drops the series (no stale date)."""
+    _, b = pair_configs(tmp_path, p, "tls")
+    pki.reissue_crl(p.dir, days=20)
+    next_update = x509.load_pem_x509_crl((p.dir / "crl.pem").read_bytes()).next_update_utc
+    assert b.tls is not None and next_update is not None
+    path = loopback.with_changes(tmp_path / "hvB.toml", tls=dataclasses.replace(b.tls, crl=p.dir / "crl.pem"))
+    metric = "migrelay_certificate_expiry_timestamp_seconds"
+    async with running(config.load(path)) as (rb,):
+        assert counted(rb, metric, cert="crl") == next_update.timestamp()
+        loopback.with_changes(path, tls=b.tls)
+        await rb.reload()
+        assert not any(
+            sample.labels.get("cert") == "crl"
+            for family in rb.metrics.registry.collect()
+            for sample in family.samples
+            if family.name == metric
+        )
