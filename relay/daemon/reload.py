@@ -26,15 +26,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from relay.core import config
 from relay.core.config import Config, TlsFiles
-from relay.core.errors import LocalError
+from relay.core.errors import LocalError, printable
 from relay.daemon.tlsconfig import Identity, client_context, load_identity, read_tls_file, server_context
 
 log = logging.getLogger("migrelay.reload")
@@ -162,6 +164,38 @@ def prepare(current: Config) -> Material:
         return load_material(new)
     except LocalError as e:
         raise ReloadFailed(_one_line(e)) from None
+
+
+def older_crls(
+    loaded: Sequence[x509.CertificateRevocationList], new: Sequence[x509.CertificateRevocationList]
+) -> str | None:
+    """Why `new` would roll back a CRL in force (None if it does not), issuer by issuer.
+
+    A CRL only grows: each reissue carries every earlier revocation and a higher CRL number
+    (`migrelay pki revoke` and `pki crl` do so). An older file put back in its place, by
+    mistake or by whoever can write it, would let a revoked host in again; to lift a
+    revocation, issue a new CRL without it.
+    """
+    in_force = {crl.issuer: crl for crl in loaded}
+    for crl in new:
+        old = in_force.get(crl.issuer)
+        if old is None:
+            continue
+        issuer = printable(crl.issuer.rfc4514_string())
+        old_number, new_number = _crl_number(old), _crl_number(crl)
+        if old_number is not None and new_number is not None:
+            if new_number < old_number:
+                return f"[tls] crl from {issuer} is number {new_number}, older than number {old_number} in force"
+        elif crl.last_update_utc < old.last_update_utc:
+            return f"[tls] crl from {issuer} was issued before the one in force"
+    return None
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _one_line(e: Exception) -> str:

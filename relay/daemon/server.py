@@ -39,7 +39,7 @@ from relay.daemon.control import Control, new_session_id
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
 from relay.daemon.probe import probe_peers
-from relay.daemon.reload import Material, ReloadFailed, describe, load_material, prepare
+from relay.daemon.reload import Material, ReloadFailed, describe, load_material, older_crls, prepare
 from relay.daemon.selinux import LibSelinux, SocketLabel, SocketLabeler
 from relay.daemon.systemd import Notifier, inherited_sockets
 from relay.daemon.tlsconfig import Identity
@@ -312,6 +312,9 @@ class Daemon:
         # blocking file reads and NSS lookups: off the thread that runs the streams
         new = await trio.to_thread.run_sync(prepare, self.config, abandon_on_cancel=True)  # a stop never waits for it
         cfg = new.config
+        rollback = older_crls(old.identity.crls if old.identity else (), new.identity.crls if new.identity else ())
+        if rollback is not None:
+            raise ReloadFailed(f"{rollback}: a CRL put back would let revoked hosts in again")
         wanted = {(peer.name, name): peer for peer in cfg.peers.values() for name in peer.channels}
         missing = [(peer, name) for (_, name), peer in wanted.items() if (peer.name, name) not in self._overlay]
         try:

@@ -22,6 +22,7 @@ from relay.core import config
 from relay.core.config import Config, TlsFiles
 from relay.core.errors import HANDSHAKE_REASONS, HandshakeFailed, HandshakeReason
 from relay.daemon.datapath import TlsConn
+from relay.daemon.reload import ReloadFailed
 from relay.daemon.server import Daemon
 from relay.daemon.tlsconfig import client_context, resumed, server_context
 from relay.tools import loopback, pki
@@ -181,3 +182,21 @@ async def test_a_host_revoked_then_reloaded_is_refused_at_once(tmp_path: Path, p
         client.close()
         await eventually(lambda: counted(rb, "migrelay_handshake_failures_total", reason="revoked") == 1)
         servers.cancel_scope.cancel()
+
+
+async def test_an_older_crl_put_back_is_refused_at_reload(tmp_path: Path, p: Pki) -> None:
+    """CRL 2 revokes hvA; CRL 1, from before, is copied back over it: the reload is refused, so
+    hvA stays out (it came back in, found by the attacker review). A newer CRL still reloads."""
+    pki.reissue_crl(p.dir)
+    first = (p.dir / "crl.pem").read_bytes()
+    pair_configs(tmp_path, p, "tls")
+    b_path = loopback.with_changes(tmp_path / "hvB.toml", tls=files(p, "hvB", p.dir / "crl.pem"))
+    pki.revoke(p.dir, "hvA")
+    async with running(config.load(b_path)) as (rb,):
+        (p.dir / "crl.pem").write_bytes(first)
+        with pytest.raises(ReloadFailed, match=r"is number \d+, older than number \d+ in force"):
+            await rb.reload("test")
+        assert counted(rb, "migrelay_reload_failures_total") == 1
+        pki.revoke(p.dir, "hvA")  # from the older file: a new number, hvA listed again
+        await rb.reload("test")
+        assert counted(rb, "migrelay_reloads_total") == 1
