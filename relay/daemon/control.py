@@ -156,6 +156,12 @@ class Control:
             for path in sockets.values():
                 path.unlink(missing_ok=True)
             raise
+        if self.ctx.config.peers.get(peer.name) is None:  # a reload removed it while we bound
+            for sock, _ in listeners:
+                sock.close()
+            for path in sockets.values():
+                path.unlink(missing_ok=True)
+            raise ControlError(f"peer {peer.name} was removed by a reload meanwhile")
         libvirt = folder / LIBVIRT_CHANNEL if LIBVIRT_CHANNEL in peer.channels else None
         session = Session(session_id, peer.name, sockets, libvirt, Activity())
         self.sessions[session_id] = session

@@ -439,7 +439,10 @@ async def accept_outbound_loop(
         if activity is not None:
             activity.touch()
         # the peer as configured now: a reload may have changed its address since this loop began
-        current = ctx.config.peers.get(peer.name, peer)
+        current = ctx.config.peers.get(peer.name)
+        if current is None:  # and removed it: its listeners are being closed, never dial it again
+            client.close()
+            continue
         with contained("overlay-client", ctx.metrics.internal_errors, client):
             await _forward(ctx, client, current, socket_name, streams, activity)
 
