@@ -56,10 +56,11 @@ MAX_HTTP_CONNECTIONS: Final = 8
 HTTP_LINGER_S: Final = 1.0
 HTTP_LINGER_BYTES: Final = 64 << 10
 METRICS_PATHS: Final = frozenset({b"/metrics", b"/"})
-# Requests within this long of a render get the same body: a scrape loop costs one render
-# per format per period (Prometheus scrapes every 15 s or more, and sees values at most
-# this old). gzip's fastest levels cost a tenth of level 9 for a few % more bytes.
-RENDER_CACHE_S: Final = 1.0
+# Renders take at most a tenth of the relay's time, and come at most 5 a second, however fast
+# anyone asks (`_Exposition`): each of the 8 connections gets at most one answer per render.
+# gzip's fastest level costs a tenth of level 9 for a few % more bytes.
+RENDER_SPACING: Final = 10
+MIN_RENDER_INTERVAL_S: Final = 0.2
 GZIP_LEVEL: Final = 1
 
 # From a libvirt RPC connection that lives for one virsh call (well under a second) to
@@ -294,28 +295,39 @@ def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
 
 
 class _Exposition:
-    """The rendered (and gzipped) exposition, kept for RENDER_CACHE_S per format.
+    """Renders the exposition for requests, at most one render at a time and spaced out.
 
     A render runs on the thread that moves every stream's bytes and costs milliseconds
-    (tens with many peers); whoever can reach the port may ask in a loop. Served from this
-    cache, a loop of requests costs the relay at most one render per format per period.
+    (tens with many peers); whoever can reach the port may ask in a loop. Every answer is
+    rendered after its request arrived (never stale), but renders are spaced so that they
+    take at most 1/RENDER_SPACING of the time, MIN_RENDER_INTERVAL_S apart at least:
+    requests meanwhile wait, and all those that arrived before a render started share it.
     """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._kept: dict[tuple[str, bool], tuple[float, bytes]] = {}
+        self._lock = trio.Lock()
+        self._started = 0  # renders started so far
+        self._next_at = -math.inf  # trio clock: when the next render may start
+        self._kept: dict[tuple[str, bool], tuple[int, bytes]] = {}  # format -> (render number, body)
 
-    def get(self, accept: str, gzipped: bool) -> tuple[bytes, str]:
+    async def get(self, accept: str, gzipped: bool) -> tuple[bytes, str]:
         encoder, content_type = _encoder(accept)
         key = (content_type, gzipped)
-        now = trio.current_time()
-        kept = self._kept.get(key)
-        if kept is not None and now - kept[0] < RENDER_CACHE_S:
-            return kept[1], content_type
-        body = encoder(self._metrics.registry)
-        if gzipped:
-            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
-        self._kept[key] = (now, body)
+        arrived_after = self._started
+        async with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] > arrived_after:
+                return kept[1], content_type  # rendered since this request arrived
+            await trio.sleep_until(self._next_at)
+            self._started += 1
+            began = time.perf_counter()
+            body = encoder(self._metrics.registry)
+            if gzipped:
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            took = time.perf_counter() - began
+            self._next_at = trio.current_time() + max((RENDER_SPACING - 1) * took, MIN_RENDER_INTERVAL_S)
+            self._kept[key] = (self._started, body)
         return body, content_type
 
 
@@ -406,6 +418,7 @@ async def _serve_connection(stream: trio.SocketStream, exposition: _Exposition, 
     async with stream:
         while True:
             answer: _Answer | None = None
+            asked: h11.Request | None = None
             head = False
             # until its request is in, the connection may give its slot to a newcomer
             with trio.CancelScope() as evictable, slots.evictable(evictable):
@@ -430,10 +443,12 @@ async def _serve_connection(stream: trio.SocketStream, exposition: _Exposition, 
                     else:
                         if request is None:
                             return  # the client closed between requests
-                        answer = _respond(request, exposition)
+                        asked = request
                         head = request.method == b"HEAD"
             if evictable.cancel_called:  # even if the request came just as it was called
                 return  # its slot went to a newcomer
+            if asked is not None:
+                answer = await _respond(asked, exposition)
             if answer is None:
                 return  # no whole request in time (a silent or trickling client), or idle for too long
             if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or not await _send(stream, http, answer, head):
@@ -490,7 +505,7 @@ async def _receive_request(stream: trio.SocketStream, http: h11.Connection) -> h
             return None
 
 
-def _respond(request: h11.Request, exposition: _Exposition) -> _Answer:
+async def _respond(request: h11.Request, exposition: _Exposition) -> _Answer:
     if request.method not in (b"GET", b"HEAD"):
         return _Answer.plain(405, "only GET and HEAD\n", ("Allow", "GET, HEAD"))
     if request.target.split(b"?", 1)[0] not in METRICS_PATHS:
@@ -498,7 +513,7 @@ def _respond(request: h11.Request, exposition: _Exposition) -> _Answer:
     accept = b",".join(value for name, value in request.headers if name == b"accept").decode("latin-1")
     encodings = b",".join(value for name, value in request.headers if name == b"accept-encoding").decode("latin-1")
     gzipped = gzip_accepted(encodings)
-    body, content_type = exposition.get(accept, gzipped)
+    body, content_type = await exposition.get(accept, gzipped)
     headers = [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
     if gzipped:
         headers.append(("Content-Encoding", "gzip"))
