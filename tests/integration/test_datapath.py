@@ -129,8 +129,9 @@ class Harness:
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     variant, _, data_path = str(request.param).partition("@")
     pumps = BRIDGES[data_path or "trio"]
-    # the read function is chosen per connection: the fallback needs no monkeypatching
+    # the read and write functions are chosen per connection: the fallback needs no monkeypatching
     read = tls_fastpath.PUBLIC.read if variant == "tls-public" else None
+    write = tls_fastpath.PUBLIC.write if variant == "tls-public" else None
     app_a_raw, end_a_raw = await tcp_pair()
     end_b_raw, app_b_raw = await tcp_pair()
     end_a: Conn = PlainConn(end_a_raw)
@@ -141,8 +142,8 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         if variant.startswith("tls"):
             p = make_pki(tmp_path)
             files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
-            end_b_tls = TlsConn.client(end_b_raw, client_context(files), read=read)
-            app_b_tls = TlsConn.server(app_b_raw, server_context(files), read=read)
+            end_b_tls = TlsConn.client(end_b_raw, client_context(files), read=read, write=write)
+            app_b_tls = TlsConn.server(app_b_raw, server_context(files), read=read, write=write)
             async with trio.open_nursery() as n:
                 n.start_soon(end_b_tls.handshake)
                 n.start_soon(app_b_tls.handshake)

@@ -21,7 +21,7 @@ from OpenSSL import SSL
 
 from relay.core.errors import HandshakeFailed, RemoteError
 from relay.daemon import tls_fastpath
-from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read
+from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read, Write
 from relay.daemon.tlsconfig import failure_reason, new_notes, verify_failure
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -162,10 +162,13 @@ class TlsConn:
     microseconds; uncontended it costs well under a microsecond.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection, read: Read | None = None) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, conn: SSL.Connection, read: Read | None = None, write: Write | None = None
+    ) -> None:
         self._sock = sock
         self._ssl = conn
         self._read = read or tls_fastpath.calls().read
+        self._write = write or tls_fastpath.calls().write
         self._waiters: dict[bool, trio.Event] = {}  # writable? -> the task waiting for it
         self.lock = threading.Lock()
 
@@ -176,20 +179,23 @@ class TlsConn:
         ctx: SSL.Context,
         session: SSL.Session | None = None,
         read: Read | None = None,
+        write: Write | None = None,
     ) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
         new_notes(conn)
         conn.set_connect_state()
         if session is not None:
             conn.set_session(session)
-        return cls(sock, conn, read)
+        return cls(sock, conn, read, write)
 
     @classmethod
-    def server(cls, sock: trio.socket.SocketType, ctx: SSL.Context, read: Read | None = None) -> TlsConn:
+    def server(
+        cls, sock: trio.socket.SocketType, ctx: SSL.Context, read: Read | None = None, write: Write | None = None
+    ) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
         new_notes(conn)
         conn.set_accept_state()
-        return cls(sock, conn, read)
+        return cls(sock, conn, read, write)
 
     @property
     def ssl(self) -> SSL.Connection:
@@ -199,6 +205,11 @@ class TlsConn:
     def read_fn(self) -> Read:
         """The SSL_read this connection uses (tls_fastpath.py), for the threaded data path."""
         return self._read
+
+    @property
+    def write_fn(self) -> Write:
+        """The SSL_write this connection uses (tls_fastpath.py), for the threaded data path."""
+        return self._write
 
     @property
     def splice_fd(self) -> int | None:
@@ -278,7 +289,7 @@ class TlsConn:
     async def send_all(self, data: memoryview) -> None:
         try:
             while data:
-                data = data[await self._call(self._ssl.send, data) :]
+                data = data[await self._call(self._write, self._ssl, data) :]
         except SSL.SysCallError as e:
             raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
         except SSL.Error as e:

@@ -114,7 +114,7 @@ class _Waiter:
                 wake.poked = False
                 return False
             ready = p.poll()
-            if any(got != wake.fd for got, _ in ready):
+            if len(ready) == 2 or ready[0][0] != wake.fd:
                 return True
             # BlockingIOError: read by a wait of an earlier run; the flags say what it meant
             with contextlib.suppress(BlockingIOError):
@@ -156,9 +156,16 @@ def _plain_send_all(sock: socket.socket, view: memoryview, waiter: _Waiter) -> N
             waiter.wait(fd, _OUT)
 
 
-def _tls_recv_into(conn: TlsConn, buf: memoryview, waiter: _Waiter) -> int:
-    """TlsConn.recv_into, in a thread: as many whole records as are here, at least one byte."""
+def _tls_recv_into(conn: TlsConn, buf: memoryview, waiter: _Waiter, *, wait_first: bool = False) -> int:
+    """TlsConn.recv_into, in a thread: as many whole records as are here, at least one byte.
+
+    `wait_first`: the last call ended on a short record, which OpenSSL (no read-ahead)
+    handed over whole, so it holds nothing more: wait before trying, and spare an SSL_read
+    that would fail (a syscall and a Python exception per message).
+    """
     ssl, read, lock, fd = conn.ssl, conn.read_fn, conn.lock, conn.socket.fileno()
+    if wait_first:
+        waiter.wait(fd, _IN)
     while True:
         try:
             with lock:
@@ -186,12 +193,12 @@ def _tls_recv_into(conn: TlsConn, buf: memoryview, waiter: _Waiter) -> int:
 
 def _tls_send_all(conn: TlsConn, view: memoryview, waiter: _Waiter) -> None:
     """TlsConn.send_all, in a thread: whole-chunk SSL_write, the same chunk again after a WantWrite."""
-    ssl, lock, fd = conn.ssl, conn.lock, conn.socket.fileno()
+    ssl, write, lock, fd = conn.ssl, conn.write_fn, conn.lock, conn.socket.fileno()
     try:
         while view:
             try:
                 with lock:
-                    n = ssl.send(view)
+                    n = write(ssl, view)
             except SSL.WantWriteError:
                 waiter.wait(fd, _OUT)
                 continue
@@ -275,12 +282,14 @@ def _from_tls(
 ) -> Ended:
     """TLS -> buffer -> plain, until close_notify (or, on a chain, a threshold)."""
     waiter = _Waiter(wake)
+    short = False
     while True:
         if wake.stopped:
             raise _Stopped
-        n = _tls_recv_into(src, buf, waiter)
+        n = _tls_recv_into(src, buf, waiter, wait_first=short)
         if n == 0:
             return "eof"
+        short = n % TLS_RECORD_BYTES != 0
         if chain is not None:
             chain[1].received += n
         _plain_send_all(dst.raw, buf[:n], waiter)
