@@ -34,7 +34,7 @@ DEFAULT_SESSION_IDLE_S: Final = 600.0
 # "trio" = the pumps as trio tasks (datapath/pump.py).
 DataPath = Literal["trio", "threads"]
 DATA_PATHS: Final[tuple[DataPath, ...]] = ("threads", "trio")
-DEFAULT_DATA_PATH: Final[DataPath] = "trio"
+DEFAULT_DATA_PATH: Final[DataPath] = "threads"
 CONTROL_SOCKET_NAME: Final = "control.sock"
 MAX_LIMIT: Final = 1_000_000
 # Dead-peer detection on peer TCP connections; see Liveness for how they add up.
