@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 from collections.abc import Callable
 from typing import Final, Literal, TypeVar
 
@@ -147,69 +146,94 @@ class _PlainSource:
             return got
 
 
-def _plain_send_all(sock: socket.socket, view: memoryview, waiter: _Waiter) -> None:
-    fd = sock.fileno()
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            waiter.wait(fd, _OUT)
+class _PlainSink:
+    """send to a plaintext socket, all of it."""
 
+    def __init__(self, conn: PlainConn, waiter: _Waiter) -> None:
+        self._sock = conn.raw
+        self._fd = self._sock.fileno()
+        self._waiter = waiter
 
-def _tls_recv_into(conn: TlsConn, buf: memoryview, waiter: _Waiter, *, wait_first: bool = False) -> int:
-    """TlsConn.recv_into, in a thread: as many whole records as are here, at least one byte.
-
-    `wait_first`: the last call ended on a short record, which OpenSSL (no read-ahead)
-    handed over whole, so it holds nothing more: wait before trying, and spare an SSL_read
-    that would fail (a syscall and a Python exception per message).
-    """
-    ssl, read, lock, fd = conn.ssl, conn.read_fn, conn.lock, conn.socket.fileno()
-    if wait_first:
-        waiter.wait(fd, _IN)
-    while True:
-        try:
-            with lock:
-                got = read(ssl, buf)
-        except SSL.WantReadError:
-            waiter.wait(fd, _IN)
-            continue
-        except SSL.WantWriteError:
-            waiter.wait(fd, _OUT)
-            continue
-        except SSL.ZeroReturnError:
-            return 0
-        except SSL.SysCallError as e:
-            raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
-        except SSL.Error as e:
-            raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
-        while got < len(buf) and got % TLS_RECORD_BYTES == 0:
-            try:
-                with lock:
-                    got += read(ssl, buf[got:])
-            except SSL.Error:
-                break  # nothing more now; the next call waits, or reports EOF / the error
-        return got
-
-
-def _tls_send_all(conn: TlsConn, view: memoryview, waiter: _Waiter) -> None:
-    """TlsConn.send_all, in a thread: whole-chunk SSL_write, the same chunk again after a WantWrite."""
-    ssl, write, lock, fd = conn.ssl, conn.write_fn, conn.lock, conn.socket.fileno()
-    try:
+    def send_all(self, view: memoryview) -> None:
+        sock = self._sock
         while view:
             try:
-                with lock:
-                    n = write(ssl, view)
-            except SSL.WantWriteError:
-                waiter.wait(fd, _OUT)
+                sent = sock.send(view)
+            except BlockingIOError:
+                self._waiter.wait(self._fd, _OUT)
                 continue
+            if sent == len(view):
+                return
+            view = view[sent:]
+
+
+class _TlsEnd:
+    """One TLS connection as a thread drives it: TlsConn's recv_into and send_all, its lock held per call.
+
+    What a call needs is looked up once per thread run, not per message.
+    """
+
+    def __init__(self, conn: TlsConn, waiter: _Waiter) -> None:
+        self._ssl = conn.ssl
+        self._read = conn.read_fn
+        self._write = conn.write_fn
+        self._lock = conn.lock
+        self._fd = conn.socket.fileno()
+        self._waiter = waiter
+
+    def recv_into(self, buf: memoryview, *, wait_first: bool = False) -> int:
+        """As many whole records as are here, at least one byte; 0 at close_notify.
+
+        `wait_first`: the last call ended on a short record, which OpenSSL (no read-ahead)
+        handed over whole, so it holds nothing more: wait before trying, and spare an
+        SSL_read that would fail (a syscall and a Python exception per message).
+        """
+        ssl, read, lock, fd, waiter = self._ssl, self._read, self._lock, self._fd, self._waiter
+        if wait_first:
+            waiter.wait(fd, _IN)
+        while True:
+            try:
+                with lock:
+                    got = read(ssl, buf)
             except SSL.WantReadError:
                 waiter.wait(fd, _IN)
                 continue
-            view = view[n:]
-    except SSL.SysCallError as e:
-        raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
-    except SSL.Error as e:
-        raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            except SSL.WantWriteError:
+                waiter.wait(fd, _OUT)
+                continue
+            except SSL.ZeroReturnError:
+                return 0
+            except SSL.SysCallError as e:
+                raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
+            while got < len(buf) and got % TLS_RECORD_BYTES == 0:
+                try:
+                    with lock:
+                        got += read(ssl, buf[got:])
+                except SSL.Error:
+                    break  # nothing more now; the next call waits, or reports EOF / the error
+            return got
+
+    def send_all(self, view: memoryview) -> None:
+        """Whole-chunk SSL_write; after a WantWrite the same chunk again (OpenSSL resumes it)."""
+        ssl, write, lock = self._ssl, self._write, self._lock
+        try:
+            while view:
+                try:
+                    with lock:
+                        n = write(ssl, view)
+                except SSL.WantWriteError:
+                    self._waiter.wait(self._fd, _OUT)
+                    continue
+                except SSL.WantReadError:
+                    self._waiter.wait(self._fd, _IN)
+                    continue
+                view = view[n:]
+        except SSL.SysCallError as e:
+            raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
 
 
 # --- what a thread runs -------------------------------------------------------------------
@@ -266,14 +290,14 @@ def _splice(src: PlainConn, dst: PlainConn, meter: Meter, wake: Wake) -> Ended:
 def _copy(src: PlainConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake) -> Ended:
     """plain -> buffer -> plain (the --no-splice path)."""
     waiter = _Waiter(wake)
-    source = _PlainSource(src, waiter)
+    source, sink = _PlainSource(src, waiter), _PlainSink(dst, waiter)
     while True:
         if wake.stopped:
             raise _Stopped
         n = source.recv_into(buf)
         if not n:
             return "eof"
-        _plain_send_all(dst.raw, buf[:n], waiter)
+        sink.send_all(buf[:n])
         meter.add(n)
 
 
@@ -282,17 +306,18 @@ def _from_tls(
 ) -> Ended:
     """TLS -> buffer -> plain, until close_notify (or, on a chain, a threshold)."""
     waiter = _Waiter(wake)
+    source, sink = _TlsEnd(src, waiter), _PlainSink(dst, waiter)
     short = False
     while True:
         if wake.stopped:
             raise _Stopped
-        n = _tls_recv_into(src, buf, waiter, wait_first=short)
+        n = source.recv_into(buf, wait_first=short)
         if n == 0:
             return "eof"
         short = n % TLS_RECORD_BYTES != 0
         if chain is not None:
             chain[1].received += n
-        _plain_send_all(dst.raw, buf[:n], waiter)
+        sink.send_all(buf[:n])
         meter.add(n)
         if chain is not None and chain[0].rx_due(chain[1]):
             return "chain"
@@ -303,16 +328,17 @@ def _to_tls(
 ) -> Ended:
     """plain -> buffer -> TLS, until src's EOF (or, on a chain, a threshold or a connection that joined)."""
     waiter = _Waiter(wake)
-    source = _PlainSource(src, waiter)
+    source, sink = _PlainSource(src, waiter), _TlsEnd(dst, waiter)
+    pokable = chain is not None
     while True:
         if wake.stopped:
             raise _Stopped
-        n = source.recv_into(buf, pokable=chain is not None)
+        n = source.recv_into(buf, pokable=pokable)
         if n is None:
             return "chain"  # poked while idle: trio moves the writer on
         if n == 0:
             return "eof"
-        _tls_send_all(dst, buf[:n], waiter)
+        sink.send_all(buf[:n])
         if chain is not None:
             chain[1].sent += n
         meter.add(n)
