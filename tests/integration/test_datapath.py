@@ -39,6 +39,7 @@ from relay.daemon.datapath import (
 from relay.daemon.datapath.pump import COPY_BUFFER_BYTES
 from relay.daemon.datapath.rekey import MAX_OPEN_CONNECTIONS
 from relay.daemon.tlsconfig import client_context, server_context
+from tests.integration.conftest import eventually
 from tests.support import make_pki, pattern
 
 # tls-public: the TLS pump on pyOpenSSL's public API, the fallback of relay/daemon/tls_fastpath.py
@@ -431,3 +432,13 @@ async def test_rekey_a_peer_that_never_leaves_old_connections_is_refused(harness
     harness.scope.cancel()
     for client in idle_clients:
         client.close()
+
+
+@rekeying_only
+async def test_rekey_moves_an_idle_writer_at_once(harness: Harness) -> None:
+    """Switches driven by one direction alone: the other, idle, direction's writer must end its
+    old connections at once (a writer thread is woken for it), not at its next write, hours
+    later: the dialler holds its newest connection only."""
+    rk = await a_switched_stream(harness)  # b -> a only: the dialler's writer (a -> b) is idle
+    await eventually(lambda: rk.dialler.open_connections == 1)
+    harness.scope.cancel()
