@@ -29,6 +29,12 @@ DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
 DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
 DEFAULT_SOCKET_MODE: Final = 0o660
 DEFAULT_SESSION_IDLE_S: Final = 600.0
+# How an established stream's bytes move (bench/README.md, "Threads per stream"):
+# "threads" = an OS thread per direction doing the syscalls itself (datapath/threaded.py),
+# "trio" = the pumps as trio tasks (datapath/pump.py).
+DataPath = Literal["trio", "threads"]
+DATA_PATHS: Final[tuple[DataPath, ...]] = ("threads", "trio")
+DEFAULT_DATA_PATH: Final[DataPath] = "threads"
 CONTROL_SOCKET_NAME: Final = "control.sock"
 MAX_LIMIT: Final = 1_000_000
 # Dead-peer detection on peer TCP connections; see Liveness for how they add up.
@@ -182,6 +188,7 @@ class Config:
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
     # SELinux context of the overlay sockets a local QEMU connects to (daemon/selinux.py); None: the default
     socket_context: str | None = None
+    data_path: DataPath = DEFAULT_DATA_PATH  # read per stream: a reload applies to new streams
     liveness: Liveness = Liveness()  # [relay] tcp_keepalive_* and tcp_ack_timeout_s
     tls: TlsFiles | None = None
     rekey_after_bytes: int = DEFAULT_REKEY_AFTER_BYTES  # [tls]; only the TLS transport uses it
@@ -227,6 +234,7 @@ class Config:
             f"control = {q(str(self.control_path))}",
             f"session_idle_s = {self.session_idle_s}",
             *([f"socket_context = {q(self.socket_context)}"] if self.socket_context is not None else []),
+            f"data_path = {q(self.data_path)}",
             *_liveness_toml(self.liveness),
         ]
         if self.tls is not None:
@@ -369,6 +377,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
     control = _resolve(control_text, base) if control_text else None
     session_idle = relay.number("session_idle_s", DEFAULT_SESSION_IDLE_S)
     socket_context = _socket_context(relay)
+    data_path = _data_path(relay)
     liveness = _parse_liveness(relay)
     mode_text = relay.string("socket_mode", oct(DEFAULT_SOCKET_MODE)[2:])
     assert mode_text is not None
@@ -427,6 +436,7 @@ def parse(data: Mapping[str, Any], base: Path | None = None, source: Path | None
         control=control,
         session_idle_s=session_idle,
         socket_context=socket_context,
+        data_path=data_path,
         liveness=liveness,
         tls=tls,
         rekey_after_bytes=rekey_after,
@@ -449,6 +459,14 @@ def _group(section: _Section, key: str) -> str | None:
         except KeyError:
             raise ConfigError(f"[{section.where}] {key}: no group {group!r} on this host") from None
     return group
+
+
+def _data_path(section: _Section) -> DataPath:
+    text = section.string("data_path", DEFAULT_DATA_PATH)
+    for known in DATA_PATHS:
+        if text == known:
+            return known
+    raise ConfigError(f"[{section.where}] data_path: {text!r} is not one of {', '.join(map(repr, DATA_PATHS))}")
 
 
 def _socket_context(section: _Section) -> str | None:

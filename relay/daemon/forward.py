@@ -70,6 +70,7 @@ from relay.daemon.datapath import (
     SwitchDeclined,
     TlsConn,
     bridge,
+    threaded_bridge,
 )
 from relay.daemon.guard import Closable, RateLimitedLog, contained
 from relay.daemon.metrics import Metrics
@@ -325,7 +326,8 @@ async def _pump_counted(
             if remote.socket.family in (socket.AF_INET, socket.AF_INET6):
                 # a function, not the socket: a rekeyed stream moves to fresh connections
                 watchdog.start_soon(net.watch_acks, lambda: remote.socket, ctx.config.liveness)
-            await bridge(local, remote, tx, rx, allow_splice=ctx.allow_splice)
+            pumps = threaded_bridge if ctx.config.data_path == "threads" else bridge
+            await pumps(local, remote, tx, rx, allow_splice=ctx.allow_splice)
             watchdog.cancel_scope.cancel()
     except* (StreamBroken, OSError) as group:
         # StreamBroken from the pumps, or the ACK watchdog's OSError (it aborted both ends)

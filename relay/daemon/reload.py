@@ -70,6 +70,7 @@ RELOADABLE: Final = {
     "handshake_timeout_s": "[relay] handshake_timeout_s",
     "drain_timeout_s": "[relay] drain_timeout_s",
     "session_idle_s": "[relay] session_idle_s",
+    "data_path": "[relay] data_path",
     "liveness": "[relay] tcp_keepalive_*/tcp_ack_timeout_s",
     "rekey_after_bytes": "[tls] rekey_after_bytes",
     "limits": "[limits]",

@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -400,6 +401,14 @@ def _fix_mmap_threshold() -> None:
         log.debug("no mallopt here: the heap keeps its own policy")
 
 
+# Stack of every thread the relay starts from here on: with the threaded data path
+# ([relay] data_path = "threads") two per stream, up to 2 x [limits] streams_per_peer per
+# peer. A pump thread touches a few KiB of it (glibc's default reserves 8 MiB each, which
+# costs address space, not RSS); the other threads (getaddrinfo, a reload's file reads)
+# keep room to spare.
+THREAD_STACK_BYTES: Final = 512 * 1024
+
+
 def run_daemon(relay: Daemon) -> None:
     """`migrelay serve`: run until signalled.
 
@@ -409,6 +418,7 @@ def run_daemon(relay: Daemon) -> None:
     """
     _raise_fd_limit()
     _fix_mmap_threshold()
+    threading.stack_size(THREAD_STACK_BYTES)
     try:
         trio.run(run_until_signalled, relay)
     except BaseExceptionGroup as group:

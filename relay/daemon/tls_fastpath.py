@@ -8,7 +8,8 @@
 - zero-copy reads: pyOpenSSL's `Connection.recv_into` decrypts into a temporary buffer
   it allocates per call, then copies; the fast read makes the same SSL_read straight
   into the caller's buffer and maps errors with pyOpenSSL's own code, so callers see
-  the same exceptions.
+  the same exceptions. Writes likewise call SSL_write without `Connection.send`'s
+  argument checks, which cost a few microseconds per small message (the RPC channel).
 
 Both use pyOpenSSL's own cffi binding (`OpenSSL._util`) and private attributes
 (`Context._context`, `Connection._ssl`, `Connection._raise_ssl_error`). `calls()` checks,
@@ -32,6 +33,8 @@ TLS_RECORD_BYTES: Final = 16384
 # SSL_read into buf (one record at most): the byte count, or pyOpenSSL's exceptions
 # (WantReadError, WantWriteError, ZeroReturnError, SysCallError, Error).
 Read = Callable[[SSL.Connection, memoryview], int]
+# SSL_write of buf: the byte count (all of it with whole writes), or the same exceptions.
+Write = Callable[[SSL.Connection, memoryview], int]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class TlsCalls:
     """How the TLS data path reads and how its contexts write: fast, or by the public API."""
 
     read: Read
+    write: Write
     whole_writes: Callable[[SSL.Context], None]
     fast: bool
 
@@ -48,11 +52,15 @@ def _read_public(conn: SSL.Connection, buf: memoryview) -> int:
     return conn.recv_into(buf, min(len(buf), TLS_RECORD_BYTES))
 
 
+def _write_public(conn: SSL.Connection, buf: memoryview) -> int:
+    return conn.send(buf)
+
+
 def _keep_partial_writes(ctx: SSL.Context) -> None:
     """The public API has no call to clear a mode: writes stay one record per call."""
 
 
-PUBLIC: Final = TlsCalls(_read_public, _keep_partial_writes, fast=False)
+PUBLIC: Final = TlsCalls(_read_public, _write_public, _keep_partial_writes, fast=False)
 
 
 def _fast(ffi: Any, lib: Any) -> TlsCalls:
@@ -63,10 +71,18 @@ def _fast(ffi: Any, lib: Any) -> TlsCalls:
             conn._raise_ssl_error(conn._ssl, n)
         return n
 
+    def write(conn: SSL.Connection, buf: memoryview) -> int:
+        # pyOpenSSL's send, less its argument checks (a few microseconds per small message)
+        with ffi.from_buffer(buf) as ptr:
+            n: int = lib.SSL_write(conn._ssl, ptr, len(buf))
+        if n <= 0:
+            conn._raise_ssl_error(conn._ssl, n)
+        return n
+
     def whole_writes(ctx: SSL.Context) -> None:
         lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
-    return TlsCalls(read, whole_writes, fast=True)
+    return TlsCalls(read, write, whole_writes, fast=True)
 
 
 def probe() -> TlsCalls:
@@ -82,7 +98,13 @@ def probe() -> TlsCalls:
         try:
             calls.read(conn, memoryview(bytearray(16)))
         except SSL.WantReadError:
-            return calls  # SSL_read ran and its error was mapped as pyOpenSSL maps it
+            pass  # SSL_read ran and its error was mapped as pyOpenSSL maps it
+        else:
+            return PUBLIC
+        try:
+            calls.write(conn, memoryview(bytearray(16)))
+        except SSL.WantReadError:
+            return calls  # before its handshake, SSL_write starts it, and wants the answer
         return PUBLIC
     except Exception:  # ImportError, AttributeError, a changed signature: the public API it is
         return PUBLIC

@@ -1,5 +1,8 @@
 """One conformance suite for every pump: ordering, EOF, half-close, reset, big payloads, cancellation.
 
+Every case runs on both data paths: the trio pumps (bridge, datapath/pump.py) and a thread
+per direction (threaded_bridge, datapath/threaded.py); "@threads" in a case's id.
+
 Topology: app_a <-tcp-> [end_a | bridge() | end_b] <-tcp(/TLS)-> app_b. Every leg is a
 real loopback TCP connection, so a reset is a real RST. In the tls-rekey variant end_b
 and app_b are chains of TLS connections (relay/datapath/rekey.py) that move to a fresh
@@ -31,15 +34,19 @@ from relay.daemon.datapath import (
     SwitchDeclined,
     TlsConn,
     bridge,
+    threaded_bridge,
 )
 from relay.daemon.datapath.pump import COPY_BUFFER_BYTES
 from relay.daemon.datapath.rekey import MAX_OPEN_CONNECTIONS
 from relay.daemon.tlsconfig import client_context, server_context
+from tests.integration.conftest import eventually
 from tests.support import make_pki, pattern
 
 # tls-public: the TLS pump on pyOpenSSL's public API, the fallback of relay/daemon/tls_fastpath.py
 # tls-rekey: TLS with both ends switching to a fresh connection every REKEY_BYTES
-VARIANTS = ["splice", "copy", "tls", "tls-public", "tls-rekey"]
+PUMPS = ["splice", "copy", "tls", "tls-public", "tls-rekey"]
+BRIDGES = {"trio": bridge, "threads": threaded_bridge}
+VARIANTS = [*PUMPS, *(f"{pump}@threads" for pump in PUMPS)]
 REKEY_BYTES = 256 * 1024  # tiny, so that even the small cases switch
 SWITCH_TIMEOUT_S = 5.0
 OK, NO = b"K", b"N"
@@ -121,9 +128,11 @@ class Harness:
 
 @pytest.fixture(params=VARIANTS)
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    variant: str = request.param
-    # the read function is chosen per connection: the fallback needs no monkeypatching
+    variant, _, data_path = str(request.param).partition("@")
+    pumps = BRIDGES[data_path or "trio"]
+    # the read and write functions are chosen per connection: the fallback needs no monkeypatching
     read = tls_fastpath.PUBLIC.read if variant == "tls-public" else None
+    write = tls_fastpath.PUBLIC.write if variant == "tls-public" else None
     app_a_raw, end_a_raw = await tcp_pair()
     end_b_raw, app_b_raw = await tcp_pair()
     end_a: Conn = PlainConn(end_a_raw)
@@ -134,8 +143,8 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         if variant.startswith("tls"):
             p = make_pki(tmp_path)
             files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
-            end_b_tls = TlsConn.client(end_b_raw, client_context(files), read=read)
-            app_b_tls = TlsConn.server(app_b_raw, server_context(files), read=read)
+            end_b_tls = TlsConn.client(end_b_raw, client_context(files), read=read, write=write)
+            app_b_tls = TlsConn.server(app_b_raw, server_context(files), read=read, write=write)
             async with trio.open_nursery() as n:
                 n.start_soon(end_b_tls.handshake)
                 n.start_soon(app_b_tls.handshake)
@@ -150,7 +159,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         async def run_relay() -> None:
             try:
                 with h.scope:
-                    await bridge(end_a, end_b, h.a_to_b, h.b_to_a, allow_splice=variant == "splice")
+                    await pumps(end_a, end_b, h.a_to_b, h.b_to_a, allow_splice=variant == "splice")
             except StreamBroken as e:
                 h.error.append(e)
             finally:
@@ -259,7 +268,8 @@ async def test_cancellation_aborts_both_ends(harness: Harness) -> None:
                 pass
 
 
-async def test_tls_truncation_is_not_eof(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data_path", list(BRIDGES))
+async def test_tls_truncation_is_not_eof(tmp_path: Path, data_path: str) -> None:
     """Over TLS, a FIN without close_notify is a truncation: the relay must not report a clean end."""
     p = make_pki(tmp_path)
     files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
@@ -273,14 +283,14 @@ async def test_tls_truncation_is_not_eof(tmp_path: Path) -> None:
     await app_b.send_all(memoryview(b"some bytes"))
     app_b_raw.shutdown(socket.SHUT_WR)  # FIN with no close_notify
     with pytest.raises(StreamBroken, match="without close_notify"):
-        await bridge(PlainConn(end_a_raw), end_b, Meter(), Meter())
+        await BRIDGES[data_path](PlainConn(end_a_raw), end_b, Meter(), Meter())
     app_a_raw.close()
     app_b_raw.close()
 
 
 # --- rekeying: what only a chain of connections can get wrong ----------------------------
 
-rekeying_only = pytest.mark.parametrize("harness", ["tls-rekey"], indirect=True)
+rekeying_only = pytest.mark.parametrize("harness", ["tls-rekey", "tls-rekey@threads"], indirect=True)
 
 
 async def a_switched_stream(harness: Harness, switches: int = 3) -> Rekeying:
@@ -422,3 +432,13 @@ async def test_rekey_a_peer_that_never_leaves_old_connections_is_refused(harness
     harness.scope.cancel()
     for client in idle_clients:
         client.close()
+
+
+@rekeying_only
+async def test_rekey_moves_an_idle_writer_at_once(harness: Harness) -> None:
+    """Switches driven by one direction alone: the other, idle, direction's writer must end its
+    old connections at once (a writer thread is woken for it), not at its next write, hours
+    later: the dialler holds its newest connection only."""
+    rk = await a_switched_stream(harness)  # b -> a only: the dialler's writer (a -> b) is idle
+    await eventually(lambda: rk.dialler.open_connections == 1)
+    harness.scope.cancel()

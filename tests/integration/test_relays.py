@@ -30,11 +30,14 @@ from tests.integration.conftest import BadPeer, counted, echo_server, eventually
 from tests.support import Pki, connect, listen, pair_configs, recv_stream, send_stream
 
 TRANSPORTS = ["tls", "unix", "tcp"]
+# [relay] data_path: the trio pumps, or a thread per direction (relay/daemon/datapath/threaded.py)
+DATA_PATHS = list(config.DATA_PATHS)
 
 
+@pytest.mark.parametrize("data_path", DATA_PATHS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: Transport) -> None:
-    a, b = pair_configs(tmp_path, p, transport)
+async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: Transport, data_path: str) -> None:
+    a, b = pair_configs(tmp_path, p, transport, data_path=data_path)
     size = 96 << 20
     async with running(a, b) as (ra, rb):
         dest = await listen(tmp_path / "hvB/hvB/migration.sock")
@@ -80,8 +83,9 @@ async def test_large_payload_both_ways(tmp_path: Path, p: Pki, transport: Transp
         assert counted(rb, "migrelay_connections_total", peer="hvA", channel="migration", result="ok") == 1
 
 
-async def test_32_concurrent_connections_are_byte_exact(tmp_path: Path, p: Pki) -> None:
-    a, b = pair_configs(tmp_path, p, "tls")
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+async def test_32_concurrent_connections_are_byte_exact(tmp_path: Path, p: Pki, data_path: str) -> None:
+    a, b = pair_configs(tmp_path, p, "tls", data_path=data_path)
     async with running(a, b), trio.open_nursery() as servers:
         dest = await listen(tmp_path / "hvB/hvB/nbd.sock")
         servers.start_soon(echo_server, dest, servers)
@@ -352,9 +356,10 @@ async def test_plaintext_tcp_is_refused_for_a_peer_without_insecure(tmp_path: Pa
         assert reply is not None and reply.status == STATUS_FORBIDDEN and "may not use plaintext tcp" in reply.reason
 
 
-async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki, data_path: str) -> None:
     """SIGTERM mid-migration: no new connections, but the running stream finishes byte-exact."""
-    a, b = pair_configs(tmp_path, p, "tls")
+    a, b = pair_configs(tmp_path, p, "tls", data_path=data_path)
     async with running(a, b) as (ra, rb), trio.open_nursery() as servers:
         servers.start_soon(echo_server, await listen(tmp_path / "hvB/hvB/migration.sock"), servers)
         sock = await connect(tmp_path / "hvA/hvB/migration.sock")
@@ -369,6 +374,38 @@ async def test_stop_drains_in_flight_streams(tmp_path: Path, p: Pki) -> None:
         assert (await sock.recv(100)).decode() == hashlib.sha256(b"before the stop, after the stop").hexdigest()
         sock.close()
         servers.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_drain_deadline_aborts_a_stream_stuck_both_ways(
+    tmp_path: Path, p: Pki, transport: Transport, data_path: str
+) -> None:
+    """A stream that outlives the drain deadline, its pumps blocked on a reader that never
+    reads and on a writer that never writes, is aborted at the deadline: both ends see an
+    error, and the relays stop (a pump thread that ignored the stop would hang this)."""
+    a, b = pair_configs(tmp_path, p, transport, data_path=data_path)
+    async with running(a, b) as (ra, rb):
+        dest = await listen(tmp_path / "hvB/hvB/migration.sock")
+        sock = await connect(tmp_path / "hvA/hvB/migration.sock")
+        far, _ = await dest.accept()
+        # fill every buffer on the way hvA -> hvB: hvA's pump waits to write, hvB's too
+        chunk = memoryview(bytes(1 << 16))
+        with trio.move_on_after(1.0):
+            while True:
+                await sock.send(chunk)
+        await eventually(lambda: counted(ra, "migrelay_active_streams") == 1)
+        with trio.fail_after(3 * a.drain_timeout_s + 5):
+            ra.stop()
+            rb.stop()
+            # the far end reads what was queued, then an error or an early EOF (AF_UNIX has no RST)
+            with pytest.raises(OSError):
+                while await far.recv(1 << 20):
+                    pass
+                await far.send(b"x")
+                raise ConnectionResetError("an EOF, then EPIPE")
+        sock.close()
+        far.close()
 
 
 async def test_a_check_probe_is_logged_as_a_probe_not_a_failure(

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar
 
@@ -20,7 +21,7 @@ from OpenSSL import SSL
 
 from relay.core.errors import HandshakeFailed, RemoteError
 from relay.daemon import tls_fastpath
-from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read
+from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read, Write
 from relay.daemon.tlsconfig import failure_reason, new_notes, verify_failure
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -115,6 +116,11 @@ class PlainConn:
         return self._sock.raw.fileno()
 
     @property
+    def raw(self) -> socket.socket:
+        """The plain socket on the same fd (non-blocking), for the threaded data path."""
+        return self._sock.raw
+
+    @property
     def socket(self) -> trio.socket.SocketType:
         return self._sock.trio
 
@@ -148,13 +154,23 @@ class TlsConn:
     Reads and writes run in two tasks (one per direction); an SSL_read may need to
     write (a TLS 1.3 key-update reply) and, in theory, an SSL_write may need to
     read. trio allows one waiter per fd and direction; see `_wait`.
+
+    `lock` is held around every OpenSSL call on the connection: an SSL object must never
+    be used by two threads at once, and with the threaded data path (datapath/threaded.py)
+    each direction's pump runs in a thread of its own while trio may still end a
+    connection of a rekeyed chain. Every call under it is non-blocking, so it is held for
+    microseconds; uncontended it costs well under a microsecond.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection, read: Read | None = None) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, conn: SSL.Connection, read: Read | None = None, write: Write | None = None
+    ) -> None:
         self._sock = sock
         self._ssl = conn
         self._read = read or tls_fastpath.calls().read
+        self._write = write or tls_fastpath.calls().write
         self._waiters: dict[bool, trio.Event] = {}  # writable? -> the task waiting for it
+        self.lock = threading.Lock()
 
     @classmethod
     def client(
@@ -163,24 +179,37 @@ class TlsConn:
         ctx: SSL.Context,
         session: SSL.Session | None = None,
         read: Read | None = None,
+        write: Write | None = None,
     ) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
         new_notes(conn)
         conn.set_connect_state()
         if session is not None:
             conn.set_session(session)
-        return cls(sock, conn, read)
+        return cls(sock, conn, read, write)
 
     @classmethod
-    def server(cls, sock: trio.socket.SocketType, ctx: SSL.Context, read: Read | None = None) -> TlsConn:
+    def server(
+        cls, sock: trio.socket.SocketType, ctx: SSL.Context, read: Read | None = None, write: Write | None = None
+    ) -> TlsConn:
         conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # a socket BIO needs only fileno()
         new_notes(conn)
         conn.set_accept_state()
-        return cls(sock, conn, read)
+        return cls(sock, conn, read, write)
 
     @property
     def ssl(self) -> SSL.Connection:
         return self._ssl
+
+    @property
+    def read_fn(self) -> Read:
+        """The SSL_read this connection uses (tls_fastpath.py), for the threaded data path."""
+        return self._read
+
+    @property
+    def write_fn(self) -> Write:
+        """The SSL_write this connection uses (tls_fastpath.py), for the threaded data path."""
+        return self._write
 
     @property
     def splice_fd(self) -> int | None:
@@ -214,7 +243,8 @@ class TlsConn:
         """Run one non-blocking OpenSSL call, waiting for whichever readiness it asks for."""
         while True:
             try:
-                return op(*args)
+                with self.lock:
+                    return op(*args)
             except SSL.WantReadError:
                 await self._wait(writable=False)
             except SSL.WantWriteError:
@@ -250,7 +280,8 @@ class TlsConn:
         # message, the tail of a write) another read would just fail with EAGAIN.
         while got < len(buf) and got % TLS_RECORD_BYTES == 0:
             try:
-                got += self._read(self._ssl, buf[got:])
+                with self.lock:
+                    got += self._read(self._ssl, buf[got:])
             except SSL.Error:
                 break  # nothing more now; the next call waits, or reports EOF / the error
         return got
@@ -258,7 +289,7 @@ class TlsConn:
     async def send_all(self, data: memoryview) -> None:
         try:
             while data:
-                data = data[await self._call(self._ssl.send, data) :]
+                data = data[await self._call(self._write, self._ssl, data) :]
         except SSL.SysCallError as e:
             raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
         except SSL.Error as e:
@@ -274,7 +305,8 @@ class TlsConn:
         """send_eof without waiting: False if the socket is full (nothing is lost: OpenSSL
         keeps the alert, and a later send_eof or try_send_eof finishes it)."""
         try:
-            self._ssl.shutdown()
+            with self.lock:
+                self._ssl.shutdown()
         except SSL.WantWriteError:
             return False
         except SSL.WantReadError:

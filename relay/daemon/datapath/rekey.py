@@ -35,8 +35,9 @@ The cost on the hot path is one or two integer compares and one add per chunk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final, Literal
 
 import trio
@@ -74,7 +75,7 @@ def _aborted() -> StreamTruncated:
     return StreamTruncated("the stream was aborted while it moved to a fresh TLS connection")
 
 
-class _Link:
+class Link:
     """One TLS connection of the chain, and how far each direction has got with it."""
 
     __slots__ = ("conn", "got_eof", "received", "rx_limit", "sent", "sent_eof", "seq", "tx_limit")
@@ -124,8 +125,8 @@ class RekeyConn:
         self._dial = dial
         self._every = rekey_after_bytes if dial is not None else NEVER_BYTES
         self._count = count
-        link = _Link(1, first, self._every)
-        self._links: dict[int, _Link] = {1: link}  # by seq; only connections still open
+        link = Link(1, first, self._every)
+        self._links: dict[int, Link] = {1: link}  # by seq; only connections still open
         self._top = link  # the newest connection that joined
         self._writing = link  # where the writer is
         self._reading = link  # where the reader is
@@ -135,6 +136,10 @@ class RekeyConn:
         self._reader_ended = False
         self._closed = False
         self.triggers: dict[Trigger, int] = {"tx": 0, "rx": 0}  # switches this side started, by direction
+        # The threaded data path (datapath/threaded.py) holds the writer token for as long
+        # as its writer thread runs, idle or not, and sets this: a connection that joins
+        # then wakes the thread, which hands the writer back to trio to move it on.
+        self.wake_writer: Callable[[], None] | None = None
 
     # --- what tests and logs look at ---------------------------------------------------
 
@@ -217,6 +222,49 @@ class RekeyConn:
         for link in self._links.values():
             link.conn.close()
 
+    # --- the threaded data path (datapath/threaded.py) ------------------------------------
+    # Its threads move bytes on one connection of the chain at a time and come back to trio
+    # at every boundary (a close_notify read, a threshold, a connection that joined); all
+    # switching stays here, in trio. The `*_due` checks are read-only: threads call them.
+
+    async def reader_link(self) -> Link:
+        """Where the reader goes on, after the switch a threshold calls for (as recv_into)."""
+        link = self._reading
+        if link.received >= link.rx_limit and link is self._top:
+            await self._rekey("rx", link)
+        return self._reading
+
+    def rx_due(self, link: Link) -> bool:
+        """The reader should come back to trio: `link` has carried its threshold."""
+        return link.received >= link.rx_limit and link is self._top and self._switching is None
+
+    async def reader_eof(self, link: Link) -> Link | None:
+        """close_notify read on `link`: the next connection to read, or None at the real end."""
+        try:
+            return await self._after_eof(link)
+        except trio.ClosedResourceError:
+            raise _aborted() from None
+
+    async def writer_link(self) -> Link:
+        """Where the writer writes next, after any switch or catching up (as send_all)."""
+        link = self._writing
+        if link is not self._top or link.sent >= link.tx_limit:
+            link = await self._prepare_write()
+        return link
+
+    def tx_due(self, link: Link) -> bool:
+        """The writer should come back to trio: a connection joined, or a threshold is due."""
+        return link is not self._top or link.sent >= link.tx_limit
+
+    @contextlib.contextmanager
+    def writer_held(self) -> Iterator[None]:
+        """The writer token, held by a writer thread for as long as it runs (idle or not)."""
+        self._writer_busy = True
+        try:
+            yield
+        finally:
+            self._writer_busy = False
+
     # --- the accepting side ---------------------------------------------------------------
 
     async def adopt(self, conn: TlsConn, answer: Callable[[], Awaitable[None]]) -> None:
@@ -257,7 +305,7 @@ class RekeyConn:
 
     # --- switching ----------------------------------------------------------------------
 
-    async def _rekey(self, trigger: Trigger, link: _Link) -> None:
+    async def _rekey(self, trigger: Trigger, link: Link) -> None:
         """The dialling side: `link`, the newest connection, has carried enough one way."""
         if self._dial is None or self._switching is not None:
             return  # the accepting side never starts one; or one runs already
@@ -299,16 +347,16 @@ class RekeyConn:
             self._switching = None
             done.set()
 
-    def _join(self, conn: TlsConn) -> _Link:
+    def _join(self, conn: TlsConn) -> Link:
         if self._closed:
             conn.abort()
             raise _aborted()
-        new = _Link(self._top.seq + 1, conn, self._every)
+        new = Link(self._top.seq + 1, conn, self._every)
         self._links[new.seq] = new
         self._top = new
         return new
 
-    async def _settle(self, new: _Link) -> None:
+    async def _settle(self, new: Link) -> None:
         """Right after `new` joined: bring each direction that is idle or over up to it."""
         try:
             await self._writer_follow()
@@ -329,6 +377,8 @@ class RekeyConn:
 
     async def _writer_follow(self) -> None:
         if self._writer_busy:
+            if self.wake_writer is not None:
+                self.wake_writer()  # a writer thread, maybe idle: it returns to move on
             return  # the writer is mid-write: it moves on itself as soon as that returns
         if self._writer_ended:
             # Only the new connection lacks its close_notify, and its socket is empty.
@@ -348,7 +398,7 @@ class RekeyConn:
                 self._retire(old)
             self._writing = self._links[old.seq + 1]
 
-    async def _drain(self, new: _Link) -> None:
+    async def _drain(self, new: Link) -> None:
         """Our reader has ended, so the peer's writer had ended before this switch, and
         its close_notify follows the OK at once. Read it here: a socket closed with unread
         bytes sends RST, which could cost the peer the last bytes it is being sent."""
@@ -360,7 +410,7 @@ class RekeyConn:
 
     # --- each direction's walk along the chain -------------------------------------------
 
-    async def _prepare_write(self) -> _Link:
+    async def _prepare_write(self) -> Link:
         """The slow path of send_all: a switch is due, or the writer is behind the chain."""
         link = self._writing
         if link is self._top and link.sent >= link.tx_limit:
@@ -394,13 +444,13 @@ class RekeyConn:
             if top is self._top:
                 return  # no switch joined meanwhile
 
-    async def _end(self, link: _Link) -> None:
+    async def _end(self, link: Link) -> None:
         if not link.sent_eof:
             await link.conn.send_eof()
             link.sent_eof = True
         self._retire(link)
 
-    async def _after_eof(self, link: _Link) -> _Link | None:
+    async def _after_eof(self, link: Link) -> Link | None:
         """close_notify on `link`: the next connection to read, or None at the real end."""
         link.got_eof = True
         following = self._links.get(link.seq + 1)
@@ -414,7 +464,7 @@ class RekeyConn:
         self._reading = following
         return following
 
-    def _retire(self, link: _Link) -> None:
+    def _retire(self, link: Link) -> None:
         """Close a connection both directions are done with (the newest stays for close())."""
         # either direction may finish last, and the reader may get here again after a wait
         if link.sent_eof and link.got_eof and link is not self._top and link.seq in self._links:

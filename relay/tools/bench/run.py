@@ -70,6 +70,9 @@ class Sample:
     cpu_s_per_gb: float | None = None
     fairness: float | None = None
     rss_mib: float | None = None
+    # the busiest forwarder process's CPU seconds per wall-clock second: above 1.0 it ran
+    # on more than one core at once (the threaded data path, bench/README.md)
+    cpu_per_wall: float | None = None
     rtt_p50_us: float | None = None
     rtt_p99_us: float | None = None
     total_s: float | None = None
@@ -157,6 +160,7 @@ def throughput(setup: Setup, streams: int, total_bytes: int, rep: int) -> Sample
 
     watcher = threading.Thread(target=sample_rss, daemon=True)
     cpu0 = cpu_seconds(setup.procs)
+    each0 = [cpu_seconds([p]) for p in setup.procs]
     watcher.start()
     out = subprocess.run(
         [*LOAD, "source", str(setup.entry), str(streams), str(per_stream)], capture_output=True, text=True, timeout=600
@@ -165,6 +169,7 @@ def throughput(setup: Setup, streams: int, total_bytes: int, rep: int) -> Sample
     watcher.join()
     time.sleep(0.2)  # let forked children (socat) be reaped into cutime
     cpu = cpu_seconds(setup.procs) - cpu0
+    each = [cpu_seconds([p]) - c0 for p, c0 in zip(setup.procs, each0, strict=True)]
     results = _lines(out.stdout)
     if len(results) != streams:
         raise RuntimeError(f"{setup.name}: {len(results)}/{streams} streams finished: {out.stderr[-500:]}")
@@ -179,6 +184,7 @@ def throughput(setup: Setup, streams: int, total_bytes: int, rep: int) -> Sample
         cpu_s_per_gb=cpu / (moved / 1e9) if setup.procs else None,
         fairness=min(rates) / max(rates),
         rss_mib=peak[0] if setup.procs else None,
+        cpu_per_wall=max(each) / wall if each else None,
     )
 
 
@@ -485,9 +491,9 @@ def main(
     from relay.tools.bench import migration
 
     names = list(setup_names) or list(setups.ALL)
-    unknown = [n for n in names if n not in setups.ALL]
+    unknown = [n for n in names if n not in setups.ALL + setups.VARIANTS]
     if unknown:
-        raise LocalError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(setups.ALL)})")
+        raise LocalError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(setups.ALL + setups.VARIANTS)})")
     missing = setups.missing_tools()
     if missing:
         raise LocalError(f"baselines not installed: {', '.join(missing)} (apt-get install socat stunnel4 haproxy)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final, get_args
 
 from relay.core import config
-from relay.core.config import Transport
+from relay.core.config import DATA_PATHS, DataPath, Transport
 from relay.daemon.net import free_port
 from relay.tools import loopback, pki
 
@@ -171,12 +171,14 @@ def haproxy(root: Path, tls: bool) -> Setup:
     return Setup(name, "tls" if tls else "plain", entry, sink, procs)
 
 
-def migrelay(root: Path, transport: Transport) -> Setup:
+def migrelay(root: Path, transport: Transport, data_path: DataPath | None = None) -> Setup:
+    """A migrelay pair; `data_path` None: the default, else named in the setup ("migrelay-tls-threads")."""
     d = make_pki(root)
-    name = f"migrelay-{transport}"
+    name = f"migrelay-{transport}" if data_path is None else f"migrelay-{transport}-{data_path}"
     base = root / name
     base.mkdir(exist_ok=True)
-    a_conf, b_conf = loopback.write_pair(base, d, transport, channels=("bench.sock",))
+    chosen = {} if data_path is None else {"data_path": data_path}
+    a_conf, b_conf = loopback.write_pair(base, d, transport, channels=("bench.sock",), **chosen)
     cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "serve", "--config"]
     procs = [spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
     wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
@@ -207,6 +209,9 @@ ALL: Final = (
     "migrelay-tcp",
     "migrelay-unix",
 )
+# Not run unless named (--setups): each data path of a migrelay pair, for A/Bs
+# (bench/README.md, "Threads per stream").
+VARIANTS: Final = tuple(f"migrelay-{t}-{p}" for t in get_args(Transport) for p in DATA_PATHS)
 
 
 def start(name: str, root: Path) -> Setup:
@@ -223,4 +228,7 @@ def start(name: str, root: Path) -> Setup:
     for transport in get_args(Transport):
         if name == f"migrelay-{transport}":
             return migrelay(root, transport)
-    raise ValueError(f"unknown setup {name!r} (known: {', '.join(ALL)})")
+        for data_path in DATA_PATHS:
+            if name == f"migrelay-{transport}-{data_path}":
+                return migrelay(root, transport, data_path)
+    raise ValueError(f"unknown setup {name!r} (known: {', '.join(ALL + VARIANTS)})")

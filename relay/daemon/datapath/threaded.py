@@ -1,0 +1,465 @@
+"""The threaded data path: each direction of an established stream runs in an OS thread.
+
+trio sets a stream up (accept, dial, handshake, header) and still decides how it ends;
+`threaded_bridge` has the contract of pump.bridge (half-close passed on, any failure or
+cancellation aborts both ends, meters live and flushed). What moves the bytes is a thread
+per direction doing the syscalls itself: splice(2) through a pipe between plaintext
+sockets, SSL_read/SSL_write (cffi releases the GIL around both) where one side is TLS.
+A message then costs its recv and its send and the wait between them, not trio's wakeup
+path (epoll_wait, reschedule, an epoll_ctl re-arm), and two streams' AES runs on two cores.
+What it measured against the trio pumps: bench/README.md, "Threads per stream".
+
+The sockets stay non-blocking, as trio expects them: a thread tries the call and, only
+if it would block, waits in poll(2) on that socket and on its direction's `Wake`, an
+eventfd. That is how trio stops a thread at once, whatever it waits for: cancellation
+of the awaiting task (a drain deadline, a failure of the other direction, the ACK
+watchdog) fires the wake, and the task waits until the thread has returned before the
+sockets are aborted, so no thread ever touches a closed (and maybe reused) fd. A thread
+that never waits checks the wake's flag once per chunk.
+
+TLS: a TlsConn's `lock` is held around every OpenSSL call, here and in TlsConn itself,
+since the two directions (and trio, ending a connection of a rekeyed chain) share one
+SSL object. A RekeyConn (every TLS stream is one, on both relays) is driven through its
+`reader_link`/`writer_link` hooks: a thread works on one connection of the chain and
+returns to trio at each boundary (close_notify read, a threshold reached, a connection
+that joined: `RekeyConn.wake_writer`), so all switching stays in trio, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+from collections.abc import Callable
+from typing import Final, Literal, TypeVar
+
+import outcome
+import trio
+from OpenSSL import SSL
+
+from relay.daemon.datapath.conn import Conn, PlainConn, StreamTruncated, TlsConn, _ssl_reason, _syscall_reason
+from relay.daemon.datapath.pump import (
+    COPY_BUFFER_BYTES,
+    Meter,
+    StreamBroken,
+    _describe,
+    _open_pipe,
+    choose_pump,
+)
+from relay.daemon.datapath.rekey import Link, RekeyConn
+from relay.daemon.tls_fastpath import TLS_RECORD_BYTES
+
+T = TypeVar("T")
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_IN: Final = select.POLLIN
+_OUT: Final = select.POLLOUT
+# Why a thread came back to trio without an error: its source ended, or the chain needs trio.
+Ended = Literal["eof", "chain"]
+
+
+class _Stopped(Exception):
+    """A thread saw its wake fired: the awaiting task was cancelled."""
+
+
+class Wake:
+    """Stops one direction's thread (cancellation), or hands its chain back to trio (`poke`).
+
+    An eventfd for a thread waiting in poll(2), and flags for one that is busy.
+    """
+
+    __slots__ = ("fd", "poked", "stopped")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stopped = False
+        self.poked = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        os.eventfd_write(self.fd, 1)
+
+    def poke(self) -> None:
+        self.poked = True
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Waiter:
+    """poll(2) on one socket (for reading or writing) and on the wake; built once per thread run."""
+
+    __slots__ = ("_polls", "_wake")
+
+    def __init__(self, wake: Wake) -> None:
+        self._wake = wake
+        self._polls: dict[tuple[int, int], select.poll] = {}
+
+    def wait(self, fd: int, events: int, *, pokable: bool = False) -> bool:
+        """Return once fd may be ready: True, or False if poked (only when `pokable`).
+
+        Raises _Stopped once the wake is fired. POLLERR/POLLHUP count as ready: the call
+        that is retried reports them.
+        """
+        wake = self._wake
+        if (p := self._polls.get((fd, events))) is None:
+            p = self._polls[fd, events] = select.poll()
+            p.register(fd, events)
+            p.register(wake.fd, _IN)
+        while True:
+            if wake.stopped:
+                raise _Stopped
+            if pokable and wake.poked:
+                wake.poked = False
+                return False
+            ready = p.poll()
+            if len(ready) == 2 or ready[0][0] != wake.fd:
+                return True
+            # BlockingIOError: read by a wait of an earlier run; the flags say what it meant
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wake.fd)
+
+
+# --- one side of a direction, as a thread sees it --------------------------------------
+
+
+class _PlainSource:
+    """recv from a plaintext socket; after a short read, wait first (the next try would fail)."""
+
+    def __init__(self, conn: PlainConn, waiter: _Waiter) -> None:
+        self._sock = conn.raw
+        self._fd = self._sock.fileno()
+        self._waiter = waiter
+        self._empty = False  # the last read was short: nothing is queued behind it
+
+    def recv_into(self, buf: memoryview, *, pokable: bool = False) -> int | None:
+        """Bytes read (0 at EOF), or None if poked while waiting."""
+        while True:
+            if self._empty and not self._waiter.wait(self._fd, _IN, pokable=pokable):
+                return None
+            try:
+                got = self._sock.recv_into(buf)
+            except BlockingIOError:
+                self._empty = True
+                continue
+            self._empty = 0 < got < len(buf)
+            return got
+
+
+class _PlainSink:
+    """send to a plaintext socket, all of it."""
+
+    def __init__(self, conn: PlainConn, waiter: _Waiter) -> None:
+        self._sock = conn.raw
+        self._fd = self._sock.fileno()
+        self._waiter = waiter
+
+    def send_all(self, view: memoryview) -> None:
+        sock = self._sock
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                self._waiter.wait(self._fd, _OUT)
+                continue
+            if sent == len(view):
+                return
+            view = view[sent:]
+
+
+class _TlsEnd:
+    """One TLS connection as a thread drives it: TlsConn's recv_into and send_all, its lock held per call.
+
+    What a call needs is looked up once per thread run, not per message.
+    """
+
+    def __init__(self, conn: TlsConn, waiter: _Waiter) -> None:
+        self._ssl = conn.ssl
+        self._read = conn.read_fn
+        self._write = conn.write_fn
+        self._lock = conn.lock
+        self._fd = conn.socket.fileno()
+        self._waiter = waiter
+
+    def recv_into(self, buf: memoryview, *, wait_first: bool = False) -> int:
+        """As many whole records as are here, at least one byte; 0 at close_notify.
+
+        `wait_first`: the last call ended on a short record, which OpenSSL (no read-ahead)
+        handed over whole, so it holds nothing more: wait before trying, and spare an
+        SSL_read that would fail (a syscall and a Python exception per message).
+        """
+        ssl, read, lock, fd, waiter = self._ssl, self._read, self._lock, self._fd, self._waiter
+        if wait_first:
+            waiter.wait(fd, _IN)
+        while True:
+            try:
+                with lock:
+                    got = read(ssl, buf)
+            except SSL.WantReadError:
+                waiter.wait(fd, _IN)
+                continue
+            except SSL.WantWriteError:
+                waiter.wait(fd, _OUT)
+                continue
+            except SSL.ZeroReturnError:
+                return 0
+            except SSL.SysCallError as e:
+                raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
+            except SSL.Error as e:
+                raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
+            while got < len(buf) and got % TLS_RECORD_BYTES == 0:
+                try:
+                    with lock:
+                        got += read(ssl, buf[got:])
+                except SSL.Error:
+                    break  # nothing more now; the next call waits, or reports EOF / the error
+            return got
+
+    def send_all(self, view: memoryview) -> None:
+        """Whole-chunk SSL_write; after a WantWrite the same chunk again (OpenSSL resumes it)."""
+        ssl, write, lock = self._ssl, self._write, self._lock
+        try:
+            while view:
+                try:
+                    with lock:
+                        n = write(ssl, view)
+                except SSL.WantWriteError:
+                    self._waiter.wait(self._fd, _OUT)
+                    continue
+                except SSL.WantReadError:
+                    self._waiter.wait(self._fd, _IN)
+                    continue
+                view = view[n:]
+        except SSL.SysCallError as e:
+            raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
+        except SSL.Error as e:
+            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+
+
+# --- what a thread runs -------------------------------------------------------------------
+
+
+def _splice(src: PlainConn, dst: PlainConn, meter: Meter, wake: Wake) -> Ended:
+    """src -> pipe -> dst with splice(2), as pump.splice_pump, waiting in poll(2)."""
+    waiter = _Waiter(wake)
+    src_fd, dst_fd = src.raw.fileno(), dst.raw.fileno()
+    r, w, pipe_size = _open_pipe()
+    in_pipe = 0
+    eof = False
+    empty = False  # the last splice in was short: wait before the next
+    try:
+        while True:
+            if wake.stopped:
+                raise _Stopped
+            moved = False
+            if not eof and in_pipe < pipe_size and not empty:
+                try:
+                    n = os.splice(src_fd, w, pipe_size - in_pipe, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    empty = True
+                else:
+                    eof = n == 0
+                    empty = 0 < n < pipe_size - in_pipe
+                    in_pipe += n
+                    moved = True
+            if in_pipe:
+                try:
+                    n = os.splice(r, dst_fd, in_pipe, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    pass
+                else:
+                    in_pipe -= n
+                    meter.add(n)
+                    moved = True
+            if eof and not in_pipe:
+                return "eof"
+            if moved and not (empty and not in_pipe):
+                continue
+            # Nothing moved, or only a short read went through: wait on the socket that
+            # blocks, never on the pipe.
+            if in_pipe:
+                waiter.wait(dst_fd, _OUT)
+            else:
+                waiter.wait(src_fd, _IN)
+                empty = False
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _copy(src: PlainConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake) -> Ended:
+    """plain -> buffer -> plain (the --no-splice path)."""
+    waiter = _Waiter(wake)
+    source, sink = _PlainSource(src, waiter), _PlainSink(dst, waiter)
+    while True:
+        if wake.stopped:
+            raise _Stopped
+        n = source.recv_into(buf)
+        if not n:
+            return "eof"
+        sink.send_all(buf[:n])
+        meter.add(n)
+
+
+def _from_tls(
+    src: TlsConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake, chain: tuple[RekeyConn, Link] | None
+) -> Ended:
+    """TLS -> buffer -> plain, until close_notify (or, on a chain, a threshold)."""
+    waiter = _Waiter(wake)
+    source, sink = _TlsEnd(src, waiter), _PlainSink(dst, waiter)
+    short = False
+    while True:
+        if wake.stopped:
+            raise _Stopped
+        n = source.recv_into(buf, wait_first=short)
+        if n == 0:
+            return "eof"
+        short = n % TLS_RECORD_BYTES != 0
+        if chain is not None:
+            chain[1].received += n
+        sink.send_all(buf[:n])
+        meter.add(n)
+        if chain is not None and chain[0].rx_due(chain[1]):
+            return "chain"
+
+
+def _to_tls(
+    src: PlainConn, dst: TlsConn, buf: memoryview, meter: Meter, wake: Wake, chain: tuple[RekeyConn, Link] | None
+) -> Ended:
+    """plain -> buffer -> TLS, until src's EOF (or, on a chain, a threshold or a connection that joined)."""
+    waiter = _Waiter(wake)
+    source, sink = _PlainSource(src, waiter), _TlsEnd(dst, waiter)
+    pokable = chain is not None
+    while True:
+        if wake.stopped:
+            raise _Stopped
+        n = source.recv_into(buf, pokable=pokable)
+        if n is None:
+            return "chain"  # poked while idle: trio moves the writer on
+        if n == 0:
+            return "eof"
+        sink.send_all(buf[:n])
+        if chain is not None:
+            chain[1].sent += n
+        meter.add(n)
+        if chain is not None and chain[0].tx_due(chain[1]):
+            return "chain"
+
+
+# --- trio's side ---------------------------------------------------------------------------
+
+
+async def in_thread(fn: Callable[[], T], wake: Wake) -> T:
+    """Run fn in a (cached) worker thread; cancellation stops it through `wake` and waits for it.
+
+    Not trio.to_thread.run_sync: its default limiter (40 threads for the whole process)
+    would leave streams queued behind others that never end, and abandoning a thread on
+    cancellation would leave it on sockets that are about to be closed. The number of
+    threads is bounded by the streams admitted ([limits] streams_per_peer): two per stream.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[T]) -> None:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        wake.stop()
+        return trio.lowlevel.Abort.FAILED  # rescheduled by deliver, promptly
+
+    trio.lowlevel.start_thread_soon(fn, deliver, name="migrelay pump")
+    try:
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+    except _Stopped:
+        await trio.lowlevel.checkpoint()  # only a cancellation stops a thread: raises Cancelled
+        raise AssertionError("a pump thread stopped without a cancellation") from None
+    return result
+
+
+async def _direction(src: Conn, dst: Conn, meter: Meter, wake: Wake, allow_splice: bool) -> None:
+    """One direction, src -> dst, until src ends; then the half-close, as the trio pumps."""
+    if isinstance(src, PlainConn) and isinstance(dst, PlainConn):
+        if allow_splice:
+            await in_thread(lambda: _splice(src, dst, meter, wake), wake)
+        else:
+            buf = memoryview(bytearray(COPY_BUFFER_BYTES))
+            await in_thread(lambda: _copy(src, dst, buf, meter, wake), wake)
+        await dst.send_eof()
+        return
+    buf = memoryview(bytearray(COPY_BUFFER_BYTES))
+    if isinstance(src, TlsConn) and isinstance(dst, PlainConn):
+        await in_thread(lambda: _from_tls(src, dst, buf, meter, wake, None), wake)
+    elif isinstance(src, RekeyConn) and isinstance(dst, PlainConn):
+        await _from_chain(src, dst, buf, meter, wake)
+    elif isinstance(src, PlainConn) and isinstance(dst, TlsConn):
+        await in_thread(lambda: _to_tls(src, dst, buf, meter, wake, None), wake)
+    elif isinstance(src, PlainConn) and isinstance(dst, RekeyConn):
+        await _to_chain(src, dst, buf, meter, wake)
+        return  # the chain's send_eof is the writer's, done there
+    else:
+        # no pair the relay builds (its local end is always plaintext): the trio pump
+        await choose_pump(src, dst, allow_splice)(src, dst, meter)
+        return
+    await dst.send_eof()
+
+
+async def _from_chain(src: RekeyConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake) -> None:
+    link = await src.reader_link()
+    while True:
+        ended = await in_thread(lambda: _from_tls(link.conn, dst, buf, meter, wake, (src, link)), wake)  # noqa: B023
+        if ended == "eof":
+            following = await src.reader_eof(link)
+            if following is None:
+                return
+        link = await src.reader_link()
+
+
+async def _to_chain(src: PlainConn, dst: RekeyConn, buf: memoryview, meter: Meter, wake: Wake) -> None:
+    dst.wake_writer = wake.poke
+    try:
+        while True:
+            link = await dst.writer_link()
+            with dst.writer_held():
+                ended = await in_thread(lambda: _to_tls(src, link.conn, buf, meter, wake, (dst, link)), wake)  # noqa: B023
+            if ended == "eof":
+                await dst.send_eof()
+                return
+    finally:
+        dst.wake_writer = None
+
+
+async def threaded_bridge(
+    a: Conn,
+    b: Conn,
+    a_to_b: Meter,
+    b_to_a: Meter,
+    *,
+    allow_splice: bool = True,
+) -> None:
+    """pump.bridge, with each direction's bytes moved by a thread. The same contract:
+
+    1. each direction ends at its EOF, passed on as a half-close while the other keeps
+       flowing; both ended -> both sockets are closed;
+    2. a failure in either direction aborts both ends with RST (StreamBroken);
+    3. cancellation aborts both, once both threads have returned.
+    """
+    wakes = (Wake(), Wake())
+    clean = False
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_direction, a, b, a_to_b, wakes[0], allow_splice)
+                nursery.start_soon(_direction, b, a, b_to_a, wakes[1], allow_splice)
+        except* (OSError, StreamTruncated) as group:
+            raise StreamBroken("; ".join(_describe(e) for e in group.exceptions)) from None
+        clean = True
+    finally:
+        a_to_b.flush()
+        b_to_a.flush()
+        for end in (a, b):
+            if clean:
+                end.close()
+            else:
+                end.abort()
+        for wake in wakes:
+            wake.close()
