@@ -152,6 +152,10 @@ class Qemu:
             )
         # QEMU binds its QMP socket, then listens: the file appears a moment before a connect works
         deadline = time.monotonic() + QMP_START_TIMEOUT_S
+        for _ in range(int(QMP_START_TIMEOUT_S / 0.05)):  # first the file: no connect attempt (and log) before
+            if self.qmp_path.exists() or self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
         while True:
             self.qmp = QMPClient(self.name)
             try:
