@@ -443,9 +443,14 @@ async def threaded_bridge(
     2. a failure in either direction aborts both ends with RST (StreamBroken);
     3. cancellation aborts both, once both threads have returned.
     """
-    wakes = (Wake(), Wake())
+    wakes: list[Wake] = []
     clean = False
     try:
+        try:
+            wakes.append(Wake())  # an fd each: out of fds, the stream fails and nothing leaks
+            wakes.append(Wake())
+        except OSError as e:
+            raise StreamBroken(_describe(e)) from None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_direction, a, b, a_to_b, wakes[0], allow_splice)
