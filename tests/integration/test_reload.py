@@ -257,23 +257,24 @@ def wrong_key(path: Path) -> str:
     return "does not match"
 
 
-def crl_is_a_fifo(path: Path) -> str:
-    """Whoever refreshes a CRL put a FIFO there: reading it would hang the reload (and a stop)."""
-    fifo = path.parent / "crl-fifo.pem"
-    os.mkfifo(fifo)
+def _crl_at(path: Path, name: str) -> Path:
+    """Point [tls] crl at `name` beside the config; the caller puts something there."""
+    crl = path.parent / name
     cfg = config.load(path)
     assert cfg.tls is not None
-    rewrite(path, tls=dataclasses.replace(cfg.tls, crl=fifo))
+    rewrite(path, tls=dataclasses.replace(cfg.tls, crl=crl))
+    return crl
+
+
+def crl_is_a_fifo(path: Path) -> str:
+    """Whoever refreshes a CRL put a FIFO there: reading it would hang the reload (and a stop)."""
+    os.mkfifo(_crl_at(path, "crl-fifo.pem"))
     return "crl-fifo.pem: not a regular file"
 
 
 def crl_is_dev_zero(path: Path) -> str:
     """A symlink to a device that reads without end."""
-    zero = path.parent / "crl-zero.pem"
-    zero.symlink_to("/dev/zero")
-    cfg = config.load(path)
-    assert cfg.tls is not None
-    rewrite(path, tls=dataclasses.replace(cfg.tls, crl=zero))
+    _crl_at(path, "crl-zero.pem").symlink_to("/dev/zero")
     return "crl-zero.pem: not a regular file"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -172,12 +173,39 @@ async def bridge(
     3. cancellation (daemon shutdown past its drain deadline) aborts both, too.
     Raises StreamBroken for case 2; counters are flushed in every case.
     """
+    await both_ways(
+        a,
+        b,
+        a_to_b,
+        b_to_a,
+        lambda: (
+            functools.partial(choose_pump(a, b, allow_splice), a, b, a_to_b),
+            functools.partial(choose_pump(b, a, allow_splice), b, a, b_to_a),
+        ),
+    )
+
+
+async def both_ways(
+    a: Conn,
+    b: Conn,
+    a_to_b: Meter,
+    b_to_a: Meter,
+    directions: Callable[[], tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]],
+) -> None:
+    """bridge()'s contract around any two directions (the trio pumps, or threaded.py's).
+
+    `directions` makes them (it may open what they need: an fd it cannot get fails the
+    stream like any other OSError); each ends at its source's EOF. Both ended -> both
+    ends closed; an OSError or a truncation in either -> StreamBroken and both aborted;
+    cancelled -> both aborted. Meters are flushed in every case.
+    """
     clean = False
     try:
         try:
+            first, second = directions()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(choose_pump(a, b, allow_splice), a, b, a_to_b)
-                nursery.start_soon(choose_pump(b, a, allow_splice), b, a, b_to_a)
+                nursery.start_soon(first)
+                nursery.start_soon(second)
         except* (OSError, StreamTruncated) as group:
             raise StreamBroken("; ".join(_describe(e) for e in group.exceptions)) from None
         clean = True

@@ -28,9 +28,10 @@ that joined: `RekeyConn.wake_writer`), so all switching stays in trio, unchanged
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
 
 import outcome
@@ -41,9 +42,8 @@ from relay.daemon.datapath.conn import Conn, PlainConn, StreamTruncated, TlsConn
 from relay.daemon.datapath.pump import (
     COPY_BUFFER_BYTES,
     Meter,
-    StreamBroken,
-    _describe,
     _open_pipe,
+    both_ways,
     choose_pump,
 )
 from relay.daemon.datapath.rekey import Link, RekeyConn
@@ -444,27 +444,17 @@ async def threaded_bridge(
     3. cancellation aborts both, once both threads have returned.
     """
     wakes: list[Wake] = []
-    clean = False
+
+    def directions() -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+        wakes.append(Wake())  # an fd each: out of fds, the stream fails and nothing leaks
+        wakes.append(Wake())
+        return (
+            functools.partial(_direction, a, b, a_to_b, wakes[0], allow_splice),
+            functools.partial(_direction, b, a, b_to_a, wakes[1], allow_splice),
+        )
+
     try:
-        try:
-            wakes.append(Wake())  # an fd each: out of fds, the stream fails and nothing leaks
-            wakes.append(Wake())
-        except OSError as e:
-            raise StreamBroken(_describe(e)) from None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_direction, a, b, a_to_b, wakes[0], allow_splice)
-                nursery.start_soon(_direction, b, a, b_to_a, wakes[1], allow_splice)
-        except* (OSError, StreamTruncated) as group:
-            raise StreamBroken("; ".join(_describe(e) for e in group.exceptions)) from None
-        clean = True
+        await both_ways(a, b, a_to_b, b_to_a, directions)
     finally:
-        a_to_b.flush()
-        b_to_a.flush()
-        for end in (a, b):
-            if clean:
-                end.close()
-            else:
-                end.abort()
         for wake in wakes:
             wake.close()
