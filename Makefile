@@ -18,14 +18,15 @@ SOAK_TESTS := tests/e2e/test_soak_tls_pair.py tests/e2e/test_injected_faults.py
 # libvirt-daemon-system brings the libvirt-qemu user they run QEMU stand-ins as); util-linux + mount
 # (unshare, nsenter, mount: relays and QEMU in mount namespaces of their own, the libvirt hosts and
 # the sidecar pods); libselinux1 ([relay] socket_context's library, whose answer on a host without
-# SELinux is tested); curl (scrapes /metrics as an operator does)
-DEB_TEST_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
+# SELinux is tested); curl (scrapes /metrics as an operator does); gcc + libc6-dev + python3-dev (pip builds
+# the data path's compiled loops, relay/daemon/datapath/_hotloop.c; without them it installs the Python ones)
+DEB_TEST_PACKAGES := gcc libc6-dev python3-dev qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
 	socat stunnel4 haproxy systemd iproute2 nftables util-linux mount python3-seccomp libselinux1 curl
 
 .PHONY: demo test venv deps lint unit integration e2e fuzz soak clean
 
 # two stages: the demo needs only the package, the tests also build libvirt-python
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml setup.py relay/daemon/datapath/_hotloop.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .

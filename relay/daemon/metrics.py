@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from relay import __version__
 from relay.core.config import HostPort
 from relay.core.errors import HANDSHAKE_REASONS
-from relay.daemon.datapath import Meter
+from relay.daemon.datapath import Meter, hotloop
 from relay.daemon.guard import contained
 
 log = logging.getLogger("migrelay.metrics")
@@ -206,10 +206,11 @@ class Metrics:
         )
         self.build = Info(
             "migrelay_build",
-            "The running migrelay's version and the OpenSSL its TLS runs on.",
+            "The running migrelay's version, the OpenSSL its TLS runs on, and whether the threaded data path's "
+            "loops are compiled or Python (relay/daemon/datapath/hotloop.py).",
             registry=self.registry,
         )
-        self.build.info({"version": __version__, "openssl": openssl_version()})
+        self.build.info({"version": __version__, "openssl": openssl_version(), "loops": hotloop.describe()})
         SandboxedProcessCollector(registry=self.registry)
 
         self.internal_errors = Counter(

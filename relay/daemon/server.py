@@ -37,6 +37,7 @@ from relay.core.errors import InternalError, LocalError, printable
 from relay.core.overlay import LIBVIRT_CHANNEL, peer_dir
 from relay.daemon import expiry, net
 from relay.daemon.control import Control, new_session_id
+from relay.daemon.datapath import hotloop
 from relay.daemon.forward import Forwarding, accept_inbound_loop, accept_outbound_loop
 from relay.daemon.metrics import Metrics, serve_metrics
 from relay.daemon.probe import probe_peers
@@ -228,11 +229,13 @@ class Daemon:
                     accepting.start_soon(notifier.watchdog)
                     accepting.start_soon(expiry.warn_before_expiry, lambda: self.identity)
                     log.info(
-                        "%s serving: %d peer listener(s), %d overlay socket(s) under %s",
+                        "%s serving: %d peer listener(s), %d overlay socket(s) under %s; data path: %s (%s loops)",
                         self.config.name,
                         len(inbound),
                         len(overlay),
                         self.config.socket_dir,
+                        self.config.data_path,
+                        hotloop.describe() if self.config.data_path == "threads" else "trio",
                     )
                     notifier.notify("READY=1", self._status())
                     self._ready = True

@@ -1,7 +1,10 @@
 """One conformance suite for every pump: ordering, EOF, half-close, reset, big payloads, cancellation.
 
 Every case runs on both data paths: the trio pumps (bridge, datapath/pump.py) and a thread
-per direction (threaded_bridge, datapath/threaded.py); "@threads" in a case's id.
+per direction (threaded_bridge, datapath/threaded.py), whose loops run compiled
+("@threads" in a case's id, datapath/_hotloop.c) and in Python ("@threads-python").
+"tls-public" (pyOpenSSL's public API, the fallback when its internals are unreachable)
+never meets the compiled loops: they need those internals too.
 
 Topology: app_a <-tcp-> [end_a | bridge() | end_b] <-tcp(/TLS)-> app_b. Every leg is a
 real loopback TCP connection, so a reset is a real RST. In the tls-rekey variant end_b
@@ -11,9 +14,10 @@ connection every REKEY_BYTES, so every case also runs across switches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +49,16 @@ from tests.support import make_pki, pattern
 # tls-public: the TLS pump on pyOpenSSL's public API, the fallback of relay/daemon/tls_fastpath.py
 # tls-rekey: TLS with both ends switching to a fresh connection every REKEY_BYTES
 PUMPS = ["splice", "copy", "tls", "tls-public", "tls-rekey"]
-BRIDGES = {"trio": bridge, "threads": threaded_bridge}
-VARIANTS = [*PUMPS, *(f"{pump}@threads" for pump in PUMPS)]
+BRIDGES: dict[str, Callable[..., Awaitable[None]]] = {
+    "trio": bridge,
+    "threads": threaded_bridge,
+    "threads-python": functools.partial(threaded_bridge, compiled=False),
+}
+VARIANTS = [
+    *PUMPS,
+    *(f"{pump}@threads" for pump in PUMPS if pump != "tls-public"),
+    *(f"{pump}@threads-python" for pump in PUMPS),
+]
 REKEY_BYTES = 256 * 1024  # tiny, so that even the small cases switch
 SWITCH_TIMEOUT_S = 5.0
 OK, NO = b"K", b"N"
@@ -294,7 +306,9 @@ async def test_tls_truncation_is_not_eof(tmp_path: Path, data_path: str) -> None
 
 # --- rekeying: what only a chain of connections can get wrong ----------------------------
 
-rekeying_only = pytest.mark.parametrize("harness", ["tls-rekey", "tls-rekey@threads"], indirect=True)
+rekeying_only = pytest.mark.parametrize(
+    "harness", ["tls-rekey", "tls-rekey@threads", "tls-rekey@threads-python"], indirect=True
+)
 
 
 async def a_switched_stream(harness: Harness, switches: int = 3) -> Rekeying:

@@ -21,6 +21,7 @@ import trio.testing
 
 from relay import __version__
 from relay.core import config
+from relay.daemon.datapath import hotloop
 from relay.daemon.metrics import (
     HTTP_KEEPALIVE_IDLE_S,
     HTTP_REQUEST_TIMEOUT_S,
@@ -117,7 +118,8 @@ async def test_keep_alive_serves_several_requests_on_one_connection(tmp_path: Pa
             conn.request("GET", "/metrics")
             response = conn.getresponse()
             assert response.status == 200
-            build = frozenset({"version": __version__, "openssl": openssl_version()}.items())
+            labels = {"version": __version__, "openssl": openssl_version(), "loops": hotloop.describe()}
+            build = frozenset(labels.items())
             assert ("migrelay_build_info", build) in parse_metrics(response.read().decode())
             assert conn.sock is not None  # http.client drops a socket the server said it closes
             ends.add(conn.sock.getsockname())

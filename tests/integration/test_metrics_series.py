@@ -18,6 +18,7 @@ import trio.testing
 from relay import __version__
 from relay.core import config
 from relay.core.config import TlsFiles
+from relay.daemon.datapath import hotloop
 from relay.daemon.metrics import openssl_version
 from relay.daemon.probe import PEER_PROBE_INTERVAL_S
 from relay.daemon.server import Daemon
@@ -176,7 +177,7 @@ async def test_build_and_process_series_on_every_relay(tmp_path: Path, p: Pki) -
     async with running(*configs):
         for port in ports:
             samples = await trio.to_thread.run_sync(scrape, port)
-            build = {"version": __version__, "openssl": openssl_version()}
+            build = {"version": __version__, "openssl": openssl_version(), "loops": hotloop.describe()}
             assert samples[("migrelay_build_info", frozenset(build.items()))] == 1
             assert openssl_version().startswith("OpenSSL ")
             assert metric_total(samples, "process_resident_memory_bytes") > 10 << 20

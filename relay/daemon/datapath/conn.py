@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar
 
@@ -21,6 +20,7 @@ from OpenSSL import SSL
 
 from relay.core.errors import HandshakeFailed, RemoteError
 from relay.daemon import tls_fastpath
+from relay.daemon.datapath.hotloop import new_lock
 from relay.daemon.tls_fastpath import TLS_RECORD_BYTES, Read, Write
 from relay.daemon.tlsconfig import failure_reason, new_notes, verify_failure
 
@@ -170,7 +170,7 @@ class TlsConn:
         self._read = read or tls_fastpath.calls().read
         self._write = write or tls_fastpath.calls().write
         self._waiters: dict[bool, trio.Event] = {}  # writable? -> the task waiting for it
-        self.lock = threading.Lock()
+        self.lock = new_lock()  # a pthread mutex the compiled loops share, when built (hotloop.py)
 
     @classmethod
     def client(
@@ -271,10 +271,8 @@ class TlsConn:
             got: int = await self._call(self._read, self._ssl, buf)
         except SSL.ZeroReturnError:
             return 0
-        except SSL.SysCallError as e:
-            raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
         except SSL.Error as e:
-            raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
+            raise read_failure(e) from None
         # One wakeup, many records: drain what is already here before returning. Only a
         # full record suggests more is queued behind it; after a short one (an RPC
         # message, the tail of a write) another read would just fail with EAGAIN.
@@ -290,10 +288,8 @@ class TlsConn:
         try:
             while data:
                 data = data[await self._call(self._write, self._ssl, data) :]
-        except SSL.SysCallError as e:
-            raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
         except SSL.Error as e:
-            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            raise write_failure(e) from None
 
     async def send_eof(self) -> None:
         """Send close_notify, then FIN; reading stays possible (TLS 1.3 half-close)."""
@@ -326,6 +322,20 @@ class TlsConn:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def read_failure(e: SSL.Error) -> StreamTruncated:
+    """A failed SSL_read, as the stream's end reports it (whichever loop made the call)."""
+    if isinstance(e, SSL.SysCallError):
+        return StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}")
+    return StreamTruncated(f"TLS read failed: {_ssl_reason(e)}")
+
+
+def write_failure(e: SSL.Error) -> StreamTruncated:
+    """A failed SSL_write, likewise."""
+    if isinstance(e, SSL.SysCallError):
+        return StreamTruncated(f"TLS send failed: {_syscall_reason(e)}")
+    return StreamTruncated(f"TLS error: {_ssl_reason(e)}")
 
 
 def _syscall_reason(e: SSL.SysCallError) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import functools
 import os
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -41,18 +42,24 @@ class Meter:
 
     A scrape reads `unflushed` of every live meter (metrics.py, `LiveBytes`), so the byte
     counters are current at any rate without the pump pushing anything; `flush()` hands
-    the count to the counter once, when the stream ends.
+    the count to the counter once, when the stream ends. The compiled loops (hotloop.py)
+    add to `live`, one int64 they update atomically from their thread.
     """
 
-    __slots__ = ("_flushed", "_push", "total")
+    __slots__ = ("_added", "_flushed", "_push", "live")
 
     def __init__(self, push: Callable[[int], None] | None = None) -> None:
         self._push = push
         self._flushed = 0
-        self.total = 0
+        self._added = 0
+        self.live = array("q", [0])
 
     def add(self, n: int) -> None:
-        self.total += n
+        self._added += n
+
+    @property
+    def total(self) -> int:
+        return self._added + self.live[0]
 
     @property
     def unflushed(self) -> int:
@@ -60,9 +67,10 @@ class Meter:
         return self.total - self._flushed
 
     def flush(self) -> None:
-        if self._push is not None and self.total > self._flushed:
-            self._push(self.total - self._flushed)
-        self._flushed = self.total
+        total = self.total  # read once: a compiled loop may still be adding
+        if self._push is not None and total > self._flushed:
+            self._push(total - self._flushed)
+        self._flushed = total
 
 
 Pump = Callable[[Conn, Conn, Meter], Awaitable[None]]

@@ -31,14 +31,17 @@ import contextlib
 import functools
 import os
 import select
+import sys
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import Final, Literal, TypeVar
 
 import outcome
 import trio
 from OpenSSL import SSL
 
-from relay.daemon.datapath.conn import Conn, PlainConn, StreamTruncated, TlsConn, _ssl_reason, _syscall_reason
+from relay.daemon.datapath import hotloop
+from relay.daemon.datapath.conn import Conn, PlainConn, StreamTruncated, TlsConn, read_failure, write_failure
 from relay.daemon.datapath.pump import (
     COPY_BUFFER_BYTES,
     Meter,
@@ -64,22 +67,33 @@ class _Stopped(Exception):
 class Wake:
     """Stops one direction's thread (cancellation), or hands its chain back to trio (`poke`).
 
-    An eventfd for a thread waiting in poll(2), and flags for one that is busy.
+    An eventfd for a thread waiting in poll(2), and flags for one that is busy: two bytes,
+    [0] stopped and [1] poked, which the compiled loops read too.
     """
 
-    __slots__ = ("fd", "poked", "stopped")
+    __slots__ = ("fd", "flags")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.stopped = False
-        self.poked = False
+        self.flags = bytearray(2)
+
+    @property
+    def stopped(self) -> bool:
+        return self.flags[0] != 0
+
+    @property
+    def poked(self) -> bool:
+        return self.flags[1] != 0
+
+    def unpoke(self) -> None:
+        self.flags[1] = 0
 
     def stop(self) -> None:
-        self.stopped = True
+        self.flags[0] = 1
         os.eventfd_write(self.fd, 1)
 
     def poke(self) -> None:
-        self.poked = True
+        self.flags[1] = 1
         os.eventfd_write(self.fd, 1)
 
     def close(self) -> None:
@@ -110,7 +124,7 @@ class _Waiter:
             if wake.stopped:
                 raise _Stopped
             if pokable and wake.poked:
-                wake.poked = False
+                wake.unpoke()
                 return False
             ready = p.poll()
             if len(ready) == 2 or ready[0][0] != wake.fd:
@@ -203,10 +217,8 @@ class _TlsEnd:
                 continue
             except SSL.ZeroReturnError:
                 return 0
-            except SSL.SysCallError as e:
-                raise StreamTruncated(f"TLS stream ended without close_notify: {_syscall_reason(e)}") from None
             except SSL.Error as e:
-                raise StreamTruncated(f"TLS read failed: {_ssl_reason(e)}") from None
+                raise read_failure(e) from None
             while got < len(buf) and got % TLS_RECORD_BYTES == 0:
                 try:
                     with lock:
@@ -230,10 +242,8 @@ class _TlsEnd:
                     self._waiter.wait(self._fd, _IN)
                     continue
                 view = view[n:]
-        except SSL.SysCallError as e:
-            raise StreamTruncated(f"TLS send failed: {_syscall_reason(e)}") from None
         except SSL.Error as e:
-            raise StreamTruncated(f"TLS error: {_ssl_reason(e)}") from None
+            raise write_failure(e) from None
 
 
 # --- what a thread runs -------------------------------------------------------------------
@@ -346,6 +356,99 @@ def _to_tls(
             return "chain"
 
 
+# --- the same runs, compiled (hotloop.py) ----------------------------------------------------
+# Each is one call into _hotloop.c that returns at the source's end, at a stop or a poke, or
+# once a rekey threshold's bytes have moved; the byte counts go to the meter's `live`.
+
+
+def _ended(outcome: int, hot: ModuleType) -> Ended:
+    if outcome == hot.STOP:
+        raise _Stopped
+    return "eof" if outcome == hot.EOF else "chain"
+
+
+def _tls_failure(conn: TlsConn, done: tuple[int, ...], reading: bool) -> StreamTruncated:
+    """The exception the Python loops raise for the same failure: pyOpenSSL maps it, in this thread
+    (OpenSSL's error queue is per thread), with the errno the C call saw."""
+    ret, errno = done[2], done[4]
+    hotloop.set_errno(errno)
+    try:
+        with conn.lock:
+            conn.ssl._raise_ssl_error(conn.ssl._ssl, ret)
+    except SSL.Error as e:
+        return read_failure(e) if reading else write_failure(e)
+    return StreamTruncated(f"TLS {'read' if reading else 'send'} failed (SSL_get_error {done[3]})")
+
+
+def _c_splice(hot: ModuleType, src: PlainConn, dst: PlainConn, meter: Meter, wake: Wake) -> Ended:
+    r, w, pipe_size = _open_pipe()
+    try:
+        done = hot.splice(src.raw.fileno(), dst.raw.fileno(), r, w, pipe_size, wake.fd, wake.flags, meter.live)
+    finally:
+        os.close(r)
+        os.close(w)
+    return _ended(done[0], hot)
+
+
+def _c_from_tls(
+    hot: ModuleType,
+    src: TlsConn,
+    dst: PlainConn,
+    buf: memoryview,
+    meter: Meter,
+    wake: Wake,
+    chain: tuple[RekeyConn, Link] | None,
+) -> Ended:
+    ssl, ssl_fd, dst_fd = hotloop.ssl_address(src.ssl), src.socket.fileno(), dst.raw.fileno()
+    short = False
+    while True:
+        budget = sys.maxsize if chain is None else max(1, chain[1].rx_limit - chain[1].received)
+        done = hot.from_tls(ssl, src.lock, ssl_fd, dst_fd, wake.fd, wake.flags, meter.live, buf, budget, short)
+        outcome, short = done[0], bool(done[5])
+        if chain is not None:
+            chain[1].received += done[1]
+        if outcome == hot.TLS:
+            raise _tls_failure(src, done, reading=True)
+        if outcome != hot.CHAIN:
+            return _ended(outcome, hot)
+        if chain is None or chain[0].rx_due(chain[1]):
+            return "chain"
+        # the threshold is passed but a switch is under way: go on, and ask again after a chunk
+
+
+def _c_to_tls(
+    hot: ModuleType,
+    src: PlainConn,
+    dst: TlsConn,
+    buf: memoryview,
+    meter: Meter,
+    wake: Wake,
+    chain: tuple[RekeyConn, Link] | None,
+) -> Ended:
+    """Comes back at a threshold, and on a poke (busy or not): trio's writer_link decides."""
+    budget = sys.maxsize if chain is None else max(1, chain[1].tx_limit - chain[1].sent)
+    ssl, src_fd, ssl_fd = hotloop.ssl_address(dst.ssl), src.raw.fileno(), dst.socket.fileno()
+    done = hot.to_tls(src_fd, ssl, dst.lock, ssl_fd, wake.fd, wake.flags, meter.live, buf, budget, chain is not None)
+    if chain is not None:
+        chain[1].sent += done[1]
+    if done[0] == hot.TLS:
+        raise _tls_failure(dst, done, reading=False)
+    return _ended(done[0], hot)
+
+
+class _Runs:
+    """Which loops a stream's threads run: the compiled ones, or Python's."""
+
+    def __init__(self, hot: ModuleType | None) -> None:
+        self.splice: Callable[[PlainConn, PlainConn, Meter, Wake], Ended] = _splice
+        self.from_tls: Callable[..., Ended] = _from_tls
+        self.to_tls: Callable[..., Ended] = _to_tls
+        if hot is not None:
+            self.splice = functools.partial(_c_splice, hot)
+            self.from_tls = functools.partial(_c_from_tls, hot)
+            self.to_tls = functools.partial(_c_to_tls, hot)
+
+
 # --- trio's side ---------------------------------------------------------------------------
 
 
@@ -376,11 +479,11 @@ async def in_thread(fn: Callable[[], T], wake: Wake) -> T:
     return result
 
 
-async def _direction(src: Conn, dst: Conn, meter: Meter, wake: Wake, allow_splice: bool) -> None:
+async def _direction(src: Conn, dst: Conn, meter: Meter, wake: Wake, allow_splice: bool, runs: _Runs) -> None:
     """One direction, src -> dst, until src ends; then the half-close, as the trio pumps."""
     if isinstance(src, PlainConn) and isinstance(dst, PlainConn):
         if allow_splice:
-            await in_thread(lambda: _splice(src, dst, meter, wake), wake)
+            await in_thread(lambda: runs.splice(src, dst, meter, wake), wake)
         else:
             buf = memoryview(bytearray(COPY_BUFFER_BYTES))
             await in_thread(lambda: _copy(src, dst, buf, meter, wake), wake)
@@ -388,13 +491,13 @@ async def _direction(src: Conn, dst: Conn, meter: Meter, wake: Wake, allow_splic
         return
     buf = memoryview(bytearray(COPY_BUFFER_BYTES))
     if isinstance(src, TlsConn) and isinstance(dst, PlainConn):
-        await in_thread(lambda: _from_tls(src, dst, buf, meter, wake, None), wake)
+        await in_thread(lambda: runs.from_tls(src, dst, buf, meter, wake, None), wake)
     elif isinstance(src, RekeyConn) and isinstance(dst, PlainConn):
-        await _from_chain(src, dst, buf, meter, wake)
+        await _from_chain(src, dst, buf, meter, wake, runs)
     elif isinstance(src, PlainConn) and isinstance(dst, TlsConn):
-        await in_thread(lambda: _to_tls(src, dst, buf, meter, wake, None), wake)
+        await in_thread(lambda: runs.to_tls(src, dst, buf, meter, wake, None), wake)
     elif isinstance(src, PlainConn) and isinstance(dst, RekeyConn):
-        await _to_chain(src, dst, buf, meter, wake)
+        await _to_chain(src, dst, buf, meter, wake, runs)
         return  # the chain's send_eof is the writer's, done there
     else:
         # no pair the relay builds (its local end is always plaintext): the trio pump
@@ -403,10 +506,10 @@ async def _direction(src: Conn, dst: Conn, meter: Meter, wake: Wake, allow_splic
     await dst.send_eof()
 
 
-async def _from_chain(src: RekeyConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake) -> None:
+async def _from_chain(src: RekeyConn, dst: PlainConn, buf: memoryview, meter: Meter, wake: Wake, runs: _Runs) -> None:
     link = await src.reader_link()
     while True:
-        ended = await in_thread(lambda: _from_tls(link.conn, dst, buf, meter, wake, (src, link)), wake)  # noqa: B023
+        ended = await in_thread(lambda: runs.from_tls(link.conn, dst, buf, meter, wake, (src, link)), wake)  # noqa: B023
         if ended == "eof":
             following = await src.reader_eof(link)
             if following is None:
@@ -414,13 +517,13 @@ async def _from_chain(src: RekeyConn, dst: PlainConn, buf: memoryview, meter: Me
         link = await src.reader_link()
 
 
-async def _to_chain(src: PlainConn, dst: RekeyConn, buf: memoryview, meter: Meter, wake: Wake) -> None:
+async def _to_chain(src: PlainConn, dst: RekeyConn, buf: memoryview, meter: Meter, wake: Wake, runs: _Runs) -> None:
     dst.wake_writer = wake.poke
     try:
         while True:
             link = await dst.writer_link()
             with dst.writer_held():
-                ended = await in_thread(lambda: _to_tls(src, link.conn, buf, meter, wake, (dst, link)), wake)  # noqa: B023
+                ended = await in_thread(lambda: runs.to_tls(src, link.conn, buf, meter, wake, (dst, link)), wake)  # noqa: B023
             if ended == "eof":
                 await dst.send_eof()
                 return
@@ -435,6 +538,7 @@ async def threaded_bridge(
     b_to_a: Meter,
     *,
     allow_splice: bool = True,
+    compiled: bool = True,
 ) -> None:
     """pump.bridge, with each direction's bytes moved by a thread. The same contract:
 
@@ -442,15 +546,18 @@ async def threaded_bridge(
        flowing; both ended -> both sockets are closed;
     2. a failure in either direction aborts both ends with RST (StreamBroken);
     3. cancellation aborts both, once both threads have returned.
+
+    `compiled`: run the compiled loops if they are built (hotloop.py); False: Python's.
     """
     wakes: list[Wake] = []
+    runs = _Runs(hotloop.compiled() if compiled else None)
 
     def directions() -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
         wakes.append(Wake())  # an fd each: out of fds, the stream fails and nothing leaks
         wakes.append(Wake())
         return (
-            functools.partial(_direction, a, b, a_to_b, wakes[0], allow_splice),
-            functools.partial(_direction, b, a, b_to_a, wakes[1], allow_splice),
+            functools.partial(_direction, a, b, a_to_b, wakes[0], allow_splice, runs),
+            functools.partial(_direction, b, a, b_to_a, wakes[1], allow_splice, runs),
         )
 
     try:

@@ -7,6 +7,7 @@ mutual authentication against one CA, like migrelay.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Final, get_args
 
 from relay.core import config
 from relay.core.config import DATA_PATHS, DataPath, Transport
+from relay.daemon.datapath import hotloop
 from relay.daemon.net import free_port
 from relay.tools import loopback, pki
 
@@ -46,8 +48,9 @@ class Setup:
                 p.wait()
 
 
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = None if env is None else {**os.environ, **env}
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def wait_for(path: Path, procs: list[subprocess.Popen[bytes]], what: str) -> None:
@@ -171,16 +174,21 @@ def haproxy(root: Path, tls: bool) -> Setup:
     return Setup(name, "tls" if tls else "plain", entry, sink, procs)
 
 
-def migrelay(root: Path, transport: Transport, data_path: DataPath | None = None) -> Setup:
-    """A migrelay pair; `data_path` None: the default, else named in the setup ("migrelay-tls-threads")."""
+def migrelay(root: Path, transport: Transport, data_path: DataPath | None = None, python_loops: bool = False) -> Setup:
+    """A migrelay pair; `data_path` None: the default, else named in the setup ("migrelay-tls-threads").
+
+    `python_loops`: the threaded data path's loops in Python, not compiled ("...-threads-python").
+    """
     d = make_pki(root)
     name = f"migrelay-{transport}" if data_path is None else f"migrelay-{transport}-{data_path}"
+    name += "-python" if python_loops else ""
+    env = {hotloop.PYTHON_LOOPS_ENV: "1"} if python_loops else None
     base = root / name
     base.mkdir(exist_ok=True)
     chosen = {} if data_path is None else {"data_path": data_path}
     a_conf, b_conf = loopback.write_pair(base, d, transport, channels=("bench.sock",), **chosen)
     cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "serve", "--config"]
-    procs = [spawn([*cmd, str(conf)], conf.with_suffix(".log")) for conf in (b_conf, a_conf)]
+    procs = [spawn([*cmd, str(conf)], conf.with_suffix(".log"), env) for conf in (b_conf, a_conf)]
     wait_for(base / "hvA" / "hvB" / "bench.sock", procs, name)
     wait_for(base / "hvB" / "control.sock", procs, name)
     listen = config.load(b_conf).listen[0]
@@ -209,9 +217,9 @@ ALL: Final = (
     "migrelay-tcp",
     "migrelay-unix",
 )
-# Not run unless named (--setups): each data path of a migrelay pair, for A/Bs
-# (bench/README.md, "Threads per stream").
-VARIANTS: Final = tuple(f"migrelay-{t}-{p}" for t in get_args(Transport) for p in DATA_PATHS)
+# Not run unless named (--setups): each data path of a migrelay pair, and the threaded one with
+# its loops in Python, for A/Bs (bench/README.md, "Threads per stream", "Compiled loops").
+VARIANTS: Final = tuple(f"migrelay-{t}-{p}" for t in get_args(Transport) for p in (*DATA_PATHS, "threads-python"))
 
 
 def start(name: str, root: Path) -> Setup:
@@ -231,4 +239,6 @@ def start(name: str, root: Path) -> Setup:
         for data_path in DATA_PATHS:
             if name == f"migrelay-{transport}-{data_path}":
                 return migrelay(root, transport, data_path)
+        if name == f"migrelay-{transport}-threads-python":
+            return migrelay(root, transport, "threads", python_loops=True)
     raise ValueError(f"unknown setup {name!r} (known: {', '.join(ALL + VARIANTS)})")

@@ -1,0 +1,77 @@
+"""The compiled loops of the threaded data path (relay/daemon/datapath/_hotloop.c, hotloop.py).
+
+The conformance suite (test_datapath.py) runs every case on them and on their Python twins;
+here: that they are built where `make test` installs a compiler, and that a failure reads
+the same whichever loop met it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.core.config import TlsFiles
+from relay.daemon.datapath import Meter, PlainConn, StreamBroken, TlsConn, hotloop, threaded_bridge
+from relay.daemon.tlsconfig import client_context, server_context
+from tests.integration.test_datapath import tcp_pair
+from tests.support import make_pki
+
+
+def test_the_compiled_loops_are_built_and_used() -> None:
+    """`make test` installs gcc and python3-dev, so `pip install -e .` builds _hotloop: a build
+    that silently fell back to Python (setup.py's optional=True) would lose the speed unseen."""
+    assert not os.environ.get(hotloop.PYTHON_LOOPS_ENV), "unset MIGRELAY_PYTHON_LOOPS to test the build"
+    assert hotloop.compiled() is not None
+    assert hotloop.describe() == "compiled"
+
+
+def test_the_lock_excludes_across_threads() -> None:
+    """TlsConn's lock, taken from Python: a pthread mutex that waits without the GIL."""
+    lock = hotloop.new_lock()
+    inside = 0
+    overlaps = 0
+
+    def work() -> None:
+        nonlocal inside, overlaps
+        for _ in range(20_000):
+            with lock:
+                inside += 1
+                if inside != 1:
+                    overlaps += 1
+                inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == 0 and inside == 0
+
+
+@pytest.mark.parametrize("garbage", [b"\x17\x03\x03\x00\x20" + bytes(32), b"GET / HTTP/1.1\r\n\r\n"])
+async def test_a_corrupt_record_fails_the_same_in_c_and_python(tmp_path: Path, garbage: bytes) -> None:
+    """Bytes that are no valid TLS record after the handshake: the stream breaks, with the
+    message OpenSSL's error queue gives (read in the thread that made the call), either way."""
+    p = make_pki(tmp_path)
+    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
+    messages = []
+    for compiled in (True, False):
+        app_a_raw, end_a_raw = await tcp_pair()
+        end_b_raw, app_b_raw = await tcp_pair()
+        end_b = TlsConn.client(end_b_raw, client_context(files))
+        app_b = TlsConn.server(app_b_raw, server_context(files))
+        async with trio.open_nursery() as n:
+            n.start_soon(end_b.handshake)
+            n.start_soon(app_b.handshake)
+        await app_b_raw.send(garbage)  # under the TLS layer, as a broken or hostile peer would
+        with pytest.raises(StreamBroken) as broke:
+            await threaded_bridge(PlainConn(end_a_raw), end_b, Meter(), Meter(), compiled=compiled)
+        messages.append(str(broke.value))
+        for s in (app_a_raw, app_b_raw):
+            s.close()
+    assert messages[0] == messages[1]
+    assert "TLS read failed" in messages[0], messages
