@@ -8,6 +8,8 @@ the same whichever loop met it.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -52,10 +54,29 @@ def test_the_lock_excludes_across_threads() -> None:
     assert overlaps == 0 and inside == 0
 
 
-@pytest.mark.parametrize("garbage", [b"\x17\x03\x03\x00\x20" + bytes(32), b"GET / HTTP/1.1\r\n\r\n"])
-async def test_a_corrupt_record_fails_the_same_in_c_and_python(tmp_path: Path, garbage: bytes) -> None:
-    """Bytes that are no valid TLS record after the handshake: the stream breaks, with the
-    message OpenSSL's error queue gives (read in the thread that made the call), either way."""
+def test_releasing_a_lock_not_held_is_an_error() -> None:
+    """An error-checking mutex: a misuse raises, as threading.Lock's does, instead of undefined behaviour."""
+    lock = hotloop.new_lock()
+    with pytest.raises(RuntimeError):
+        lock.__exit__(None, None, None)
+    with lock:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("garbage", "expected"),
+    [
+        (b"\x17\x03\x03\x00\x20" + bytes(32), "TLS read failed"),  # a record that fails its MAC
+        (b"GET / HTTP/1.1\r\n\r\n", "TLS read failed"),  # not TLS at all
+        (None, "without close_notify: Connection reset by peer"),  # an RST: errno through SSL_ERROR_SYSCALL
+    ],
+)
+async def test_a_broken_peer_fails_the_same_in_c_and_python(
+    tmp_path: Path, garbage: bytes | None, expected: str
+) -> None:
+    """After the handshake, bytes that are no valid TLS record, or a reset: the stream breaks
+    with the message the Python loops give (OpenSSL's error queue read in the thread that made
+    the call; errno as the C call saw it)."""
     p = make_pki(tmp_path)
     files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
     messages = []
@@ -67,11 +88,15 @@ async def test_a_corrupt_record_fails_the_same_in_c_and_python(tmp_path: Path, g
         async with trio.open_nursery() as n:
             n.start_soon(end_b.handshake)
             n.start_soon(app_b.handshake)
-        await app_b_raw.send(garbage)  # under the TLS layer, as a broken or hostile peer would
+        if garbage is None:
+            app_b_raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            app_b_raw.close()  # RST
+        else:
+            await app_b_raw.send(garbage)  # under the TLS layer, as a broken or hostile peer would
         with pytest.raises(StreamBroken) as broke:
             await threaded_bridge(PlainConn(end_a_raw), end_b, Meter(), Meter(), compiled=compiled)
         messages.append(str(broke.value))
         for s in (app_a_raw, app_b_raw):
             s.close()
     assert messages[0] == messages[1]
-    assert "TLS read failed" in messages[0], messages
+    assert expected in messages[0], messages

@@ -32,6 +32,8 @@ enum { R_EOF = 1, R_STOP = 2, R_CHAIN = 3, R_TLS = 4, R_OS = -1 };
 enum { E_SSL = 1, E_WANT_READ = 2, E_WANT_WRITE = 3, E_SYSCALL = 5, E_ZERO_RETURN = 6 };
 
 #define RECORD_BYTES 16384
+/* hotloop.py refuses a build whose ABI differs (a stale .so beside newer Python code) */
+#define HOTLOOP_ABI 2
 
 typedef int (*ssl_io_fn)(void *ssl, void *buf, int num);
 typedef int (*ssl_error_fn)(const void *ssl, int ret);
@@ -54,8 +56,18 @@ static PyObject *lock_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         return NULL;
     }
     LockObject *self = (LockObject *)type->tp_alloc(type, 0);
-    if (self != NULL)
-        pthread_mutex_init(&self->mu, NULL);
+    if (self == NULL)
+        return NULL;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK); /* a misuse is an error, not UB */
+    int rc = pthread_mutex_init(&self->mu, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0) {
+        Py_DECREF(self);
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     return (PyObject *)self;
 }
 
@@ -65,17 +77,25 @@ static void lock_dealloc(LockObject *self) {
 }
 
 static PyObject *lock_enter(LockObject *self, PyObject *unused) {
-    if (pthread_mutex_trylock(&self->mu) != 0) {
+    int rc = pthread_mutex_trylock(&self->mu);
+    if (rc == EBUSY) {
         /* held by a thread in C for one OpenSSL call: wait without the GIL */
         Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&self->mu);
+        rc = pthread_mutex_lock(&self->mu);
         Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) {
+        PyErr_SetString(PyExc_RuntimeError, rc == EDEADLK ? "Lock is already held by this thread" : "Lock failed");
+        return NULL;
     }
     Py_RETURN_TRUE;
 }
 
 static PyObject *lock_exit(LockObject *self, PyObject *args) {
-    pthread_mutex_unlock(&self->mu);
+    if (pthread_mutex_unlock(&self->mu) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "release of a Lock this thread does not hold");
+        return NULL;
+    }
     Py_RETURN_FALSE;
 }
 
@@ -109,12 +129,7 @@ typedef struct {
 
 static int stopped(Run *r) { return __atomic_load_n(&r->flags[0], __ATOMIC_ACQUIRE) != 0; }
 
-static int take_poke(Run *r) {
-    if (__atomic_load_n(&r->flags[1], __ATOMIC_ACQUIRE) == 0)
-        return 0;
-    __atomic_store_n(&r->flags[1], 0, __ATOMIC_RELEASE);
-    return 1;
-}
+static int take_poke(Run *r) { return __atomic_exchange_n(&r->flags[1], 0, __ATOMIC_ACQ_REL) != 0; }
 
 /* 0 once fd may be ready (POLLERR/POLLHUP count: the retried call reports them), else an outcome */
 static int wait_on(Run *r, int fd, short events, int pokable) {
@@ -133,7 +148,7 @@ static int wait_on(Run *r, int fd, short events, int pokable) {
         if (p[0].revents)
             return 0;
         uint64_t drained;
-        if (read(r->wake_fd, &drained, sizeof drained) < 0 && errno != EAGAIN) {
+        if (read(r->wake_fd, &drained, sizeof drained) < 0 && errno != EAGAIN && errno != EINTR) {
             r->sys_errno = errno;
             return R_OS;
         }
@@ -178,6 +193,7 @@ typedef struct {
 static int tls_call(Tls *t, ssl_io_fn fn, void *buf, Py_ssize_t len, Run *r) {
     int num = len > INT_MAX ? INT_MAX : (int)len;
     pthread_mutex_lock(t->mu);
+    f_clear(); /* SSL_get_error reads the queue: only this call's entries may be in it */
     errno = 0;
     int n = fn(t->ssl, buf, num);
     if (n <= 0) {
@@ -272,12 +288,13 @@ static int run_from_tls(Run *r, Tls *t, int dst, char *buf, Py_ssize_t len, int 
             if (w)
                 return w;
         }
+        int failed = 0; /* a record after the ones read failed: pass those on, then report it */
         while (got < len && got % RECORD_BYTES == 0) {
             int n = tls_call(t, f_read, buf + got, len - got, r);
             if (n <= 0) {
-                /* nothing more now; the next read waits, or reports the end or the error again */
-                if (t->err != E_WANT_READ && t->err != E_WANT_WRITE)
-                    f_clear();
+                /* nothing more now (the next read waits, or reads the end), or a failure whose
+                   reasons stay in this thread's error queue for the Python side */
+                failed = t->err != E_WANT_READ && t->err != E_WANT_WRITE && t->err != E_ZERO_RETURN;
                 break;
             }
             got += n;
@@ -287,6 +304,8 @@ static int run_from_tls(Run *r, Tls *t, int dst, char *buf, Py_ssize_t len, int 
         if (s)
             return s;
         count(r, got);
+        if (failed)
+            return R_TLS;
         if (r->moved >= r->budget)
             return R_CHAIN;
     }
@@ -482,11 +501,10 @@ PyMODINIT_FUNC PyInit__hotloop(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&LockType);
-    if (PyModule_AddObject(m, "Lock", (PyObject *)&LockType) < 0 || PyModule_AddIntConstant(m, "EOF", R_EOF) < 0 ||
+    if (PyModule_AddType(m, &LockType) < 0 || PyModule_AddIntConstant(m, "ABI", HOTLOOP_ABI) < 0 ||
+        PyModule_AddIntConstant(m, "EOF", R_EOF) < 0 ||
         PyModule_AddIntConstant(m, "STOP", R_STOP) < 0 || PyModule_AddIntConstant(m, "CHAIN", R_CHAIN) < 0 ||
         PyModule_AddIntConstant(m, "TLS", R_TLS) < 0 || PyModule_AddIntConstant(m, "SSL_ERROR_SYSCALL", E_SYSCALL) < 0) {
-        Py_DECREF(&LockType);
         Py_DECREF(m);
         return NULL;
     }

@@ -2,6 +2,7 @@
 from array import array
 from typing import Final
 
+ABI: Final[int]
 EOF: Final[int]
 STOP: Final[int]
 CHAIN: Final[int]

@@ -30,6 +30,11 @@ from OpenSSL import SSL
 from relay.daemon import tls_fastpath
 
 PYTHON_LOOPS_ENV: Final = "MIGRELAY_PYTHON_LOOPS"
+# _hotloop.c's HOTLOOP_ABI: the calls and outcome tuples this module and threaded.py expect
+ABI: Final = 2
+# OpenSSL's SSL_get_error codes the C loops hand back
+_SSL_ERROR_SSL: Final = 1
+_SSL_ERROR_SYSCALL: Final = 5
 
 
 def _import() -> ModuleType | None:
@@ -37,6 +42,8 @@ def _import() -> ModuleType | None:
         from relay.daemon.datapath import _hotloop
     except ImportError:
         return None
+    if getattr(_hotloop, "ABI", None) != ABI:
+        return None  # a stale build beside newer Python code: `pip install -e .` rebuilds it
     return _hotloop
 
 
@@ -87,8 +94,23 @@ def ssl_address(conn: SSL.Connection) -> int:
     return int(ffi.cast("uintptr_t", conn._ssl))
 
 
-def set_errno(value: int) -> None:
-    """Put a C loop's errno where pyOpenSSL's error mapping reads it (cffi's saved errno)."""
-    from OpenSSL._util import ffi
+def tls_error(ssl_error: int, ret: int, errno: int) -> SSL.Error:
+    """The exception pyOpenSSL raises for a failed call (Connection._raise_ssl_error's rules),
+    from what the C loop saved under the lock (SSL_get_error, the return value, errno) and
+    this thread's error queue; asking SSL_get_error again here could see the other
+    direction's state."""
+    from OpenSSL._util import exception_from_error_queue, lib
 
-    ffi.errno = value
+    if ssl_error == _SSL_ERROR_SYSCALL and (lib.ERR_peek_error() == 0 or errno != 0):
+        if ret < 0 and errno != 0:
+            return SSL.SysCallError(errno, os.strerror(errno))
+        return SSL.SysCallError(-1, "Unexpected EOF")
+    # OpenSSL 3 reports an EOF without close_notify as SSL_ERROR_SSL; pyOpenSSL keeps calling it a SysCallError
+    peeked = lib.ERR_peek_error() if ssl_error == _SSL_ERROR_SSL else 0
+    if peeked and lib.ERR_GET_REASON(peeked) == lib.SSL_R_UNEXPECTED_EOF_WHILE_READING:
+        lib.ERR_clear_error()
+        return SSL.SysCallError(-1, "Unexpected EOF")
+    try:
+        exception_from_error_queue(SSL.Error)
+    except SSL.Error as e:
+        return e

@@ -140,6 +140,10 @@ class RekeyConn:
         # as its writer thread runs, idle or not, and sets this: a connection that joins
         # then wakes the thread, which hands the writer back to trio to move it on.
         self.wake_writer: Callable[[], None] | None = None
+        # Set by the threaded data path while its threads may be on this chain's sockets:
+        # abort() then asks it to stop them (True) and leaves the closing to the bridge, once
+        # they have returned, so no thread ever meets a closed, maybe reused, fd.
+        self.defer_abort: Callable[[], bool] | None = None
 
     # --- what tests and logs look at ---------------------------------------------------
 
@@ -214,6 +218,8 @@ class RekeyConn:
 
     def abort(self) -> None:
         self._closed = True
+        if self.defer_abort is not None and self.defer_abort():
+            return
         for link in self._links.values():
             link.conn.abort()
 

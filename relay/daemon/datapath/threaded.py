@@ -45,6 +45,7 @@ from relay.daemon.datapath.conn import Conn, PlainConn, StreamTruncated, TlsConn
 from relay.daemon.datapath.pump import (
     COPY_BUFFER_BYTES,
     Meter,
+    StreamBroken,
     _open_pipe,
     both_ways,
     choose_pump,
@@ -56,6 +57,8 @@ T = TypeVar("T")
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IN: Final = select.POLLIN
 _OUT: Final = select.POLLOUT
+# A compiled run on a rekeying chain returns to trio at least this often, to update the link's counts.
+CHAIN_RUN_BYTES: Final = 16 << 20
 # Why a thread came back to trio without an error: its source ended, or the chain needs trio.
 Ended = Literal["eof", "chain"]
 
@@ -71,11 +74,12 @@ class Wake:
     [0] stopped and [1] poked, which the compiled loops read too.
     """
 
-    __slots__ = ("fd", "flags")
+    __slots__ = ("fd", "flags", "running")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.flags = bytearray(2)
+        self.running = False  # a thread of this direction is on the sockets
 
     @property
     def stopped(self) -> bool:
@@ -367,17 +371,18 @@ def _ended(outcome: int, hot: ModuleType) -> Ended:
     return "eof" if outcome == hot.EOF else "chain"
 
 
-def _tls_failure(conn: TlsConn, done: tuple[int, ...], reading: bool) -> StreamTruncated:
-    """The exception the Python loops raise for the same failure: pyOpenSSL maps it, in this thread
-    (OpenSSL's error queue is per thread), with the errno the C call saw."""
-    ret, errno = done[2], done[4]
-    hotloop.set_errno(errno)
-    try:
-        with conn.lock:
-            conn.ssl._raise_ssl_error(conn.ssl._ssl, ret)
-    except SSL.Error as e:
-        return read_failure(e) if reading else write_failure(e)
-    return StreamTruncated(f"TLS {'read' if reading else 'send'} failed (SSL_get_error {done[3]})")
+def _tls_failure(done: tuple[int, ...], reading: bool) -> StreamTruncated:
+    """The exception the Python loops raise for the same failure, mapped in this thread
+    (OpenSSL's error queue is per thread) from SSL_get_error and errno as the C call saw them."""
+    e = hotloop.tls_error(done[3], done[2], done[4])
+    return read_failure(e) if reading else write_failure(e)
+
+
+def _chain_budget(left: int) -> int:
+    """Bytes a run on a chain's link may move: what is left to its threshold, and at most
+    CHAIN_RUN_BYTES, so that the link's counts (which a declined switch sets the next
+    threshold from, and the switch log reports) are never further behind than that."""
+    return max(1, min(left, CHAIN_RUN_BYTES))
 
 
 def _c_splice(hot: ModuleType, src: PlainConn, dst: PlainConn, meter: Meter, wake: Wake) -> Ended:
@@ -402,13 +407,13 @@ def _c_from_tls(
     ssl, ssl_fd, dst_fd = hotloop.ssl_address(src.ssl), src.socket.fileno(), dst.raw.fileno()
     short = False
     while True:
-        budget = sys.maxsize if chain is None else max(1, chain[1].rx_limit - chain[1].received)
+        budget = sys.maxsize if chain is None else _chain_budget(chain[1].rx_limit - chain[1].received)
         done = hot.from_tls(ssl, src.lock, ssl_fd, dst_fd, wake.fd, wake.flags, meter.live, buf, budget, short)
         outcome, short = done[0], bool(done[5])
         if chain is not None:
             chain[1].received += done[1]
         if outcome == hot.TLS:
-            raise _tls_failure(src, done, reading=True)
+            raise _tls_failure(done, reading=True)
         if outcome != hot.CHAIN:
             return _ended(outcome, hot)
         if chain is None or chain[0].rx_due(chain[1]):
@@ -426,13 +431,13 @@ def _c_to_tls(
     chain: tuple[RekeyConn, Link] | None,
 ) -> Ended:
     """Comes back at a threshold, and on a poke (busy or not): trio's writer_link decides."""
-    budget = sys.maxsize if chain is None else max(1, chain[1].tx_limit - chain[1].sent)
+    budget = sys.maxsize if chain is None else _chain_budget(chain[1].tx_limit - chain[1].sent)
     ssl, src_fd, ssl_fd = hotloop.ssl_address(dst.ssl), src.raw.fileno(), dst.socket.fileno()
     done = hot.to_tls(src_fd, ssl, dst.lock, ssl_fd, wake.fd, wake.flags, meter.live, buf, budget, chain is not None)
     if chain is not None:
         chain[1].sent += done[1]
     if done[0] == hot.TLS:
-        raise _tls_failure(dst, done, reading=False)
+        raise _tls_failure(done, reading=False)
     return _ended(done[0], hot)
 
 
@@ -464,12 +469,14 @@ async def in_thread(fn: Callable[[], T], wake: Wake) -> T:
     token = trio.lowlevel.current_trio_token()
 
     def deliver(result: outcome.Outcome[T]) -> None:
+        wake.running = False  # in the worker thread, done with the sockets
         token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
     def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         wake.stop()
         return trio.lowlevel.Abort.FAILED  # rescheduled by deliver, promptly
 
+    wake.running = True
     trio.lowlevel.start_thread_soon(fn, deliver, name="migrelay pump")
     try:
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -551,6 +558,7 @@ async def threaded_bridge(
     """
     wakes: list[Wake] = []
     runs = _Runs(hotloop.compiled() if compiled else None)
+    chains = [end for end in (a, b) if isinstance(end, RekeyConn)]
 
     def directions() -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
         wakes.append(Wake())  # an fd each: out of fds, the stream fails and nothing leaks
@@ -560,8 +568,23 @@ async def threaded_bridge(
             functools.partial(_direction, b, a, b_to_a, wakes[1], allow_splice, runs),
         )
 
-    try:
-        await both_ways(a, b, a_to_b, b_to_a, directions)
-    finally:
-        for wake in wakes:
-            wake.close()
+    with trio.CancelScope() as scope:
+
+        def defer_abort() -> bool:
+            """A chain aborted by trio (a switch that failed) while threads are on its sockets."""
+            if not any(wake.running for wake in wakes):
+                return False
+            scope.cancel()  # stops the threads; both_ways aborts both ends once they returned
+            return True
+
+        for chain in chains:
+            chain.defer_abort = defer_abort
+        try:
+            await both_ways(a, b, a_to_b, b_to_a, directions)
+        finally:
+            for chain in chains:
+                chain.defer_abort = None
+            for wake in wakes:
+                wake.close()
+    if scope.cancelled_caught:
+        raise StreamBroken("the stream was aborted while it moved to a fresh TLS connection")
