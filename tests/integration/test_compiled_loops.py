@@ -7,10 +7,12 @@ the same whichever loop met it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import trio
 
 from relay.core.config import TlsFiles
 from relay.daemon.datapath import Meter, PlainConn, StreamBroken, TlsConn, hotloop, threaded_bridge
+from relay.daemon.datapath import bridge as bridge_trio
 from relay.daemon.tlsconfig import client_context, server_context
 from tests.integration.test_datapath import tcp_pair
 from tests.support import make_pki
@@ -100,3 +103,33 @@ async def test_a_broken_peer_fails_the_same_in_c_and_python(
             s.close()
     assert messages[0] == messages[1]
     assert expected in messages[0], messages
+
+
+@pytest.mark.parametrize("bridge", ["trio", "threads", "threads-python"])
+async def test_a_bad_record_behind_full_ones_is_reported_after_them(tmp_path: Path, bridge: str) -> None:
+    """A full 16 KiB record with a forged one right behind it, both queued before the relay
+    reads: the good record is passed on, then the forgery fails the stream as a TLS error
+    (not as a mere end without close_notify), on every data path."""
+    p = make_pki(tmp_path)
+    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
+    app_a_raw, end_a_raw = await tcp_pair()
+    end_b_raw, app_b_raw = await tcp_pair()
+    end_b = TlsConn.client(end_b_raw, client_context(files))
+    app_b = TlsConn.server(app_b_raw, server_context(files))
+    async with trio.open_nursery() as n:
+        n.start_soon(end_b.handshake)
+        n.start_soon(app_b.handshake)
+    await app_b.send_all(memoryview(bytes(16384)))
+    await app_b_raw.send(b"\x17\x03\x03\x00\x20" + bytes(32))
+    b_to_a = Meter()
+    bridges: dict[str, Callable[..., Awaitable[None]]] = {
+        "trio": bridge_trio,
+        "threads": threaded_bridge,
+        "threads-python": functools.partial(threaded_bridge, compiled=False),
+    }
+    pumps = bridges[bridge]
+    with pytest.raises(StreamBroken, match="TLS read failed: decryption failed or bad record mac"):
+        await pumps(PlainConn(end_a_raw), end_b, Meter(), b_to_a)
+    assert b_to_a.total == 16384
+    for s in (app_a_raw, app_b_raw):
+        s.close()

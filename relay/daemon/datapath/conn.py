@@ -171,6 +171,9 @@ class TlsConn:
         self._write = write or tls_fastpath.calls().write
         self._waiters: dict[bool, trio.Event] = {}  # writable? -> the task waiting for it
         self.lock = new_lock()  # a pthread mutex the compiled loops share, when built (hotloop.py)
+        # A read that failed after full records were read in the same call: those bytes are
+        # passed on first, then the next read reports it (as the compiled loop does).
+        self.failed: SSL.Error | None = None
 
     @classmethod
     def client(
@@ -267,6 +270,8 @@ class TlsConn:
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read as many records as are ready (at least one byte), up to len(buf)."""
+        if self.failed is not None:
+            raise read_failure(self.failed)
         try:
             got: int = await self._call(self._read, self._ssl, buf)
         except SSL.ZeroReturnError:
@@ -280,8 +285,11 @@ class TlsConn:
             try:
                 with self.lock:
                     got += self._read(self._ssl, buf[got:])
-            except SSL.Error:
-                break  # nothing more now; the next call waits, or reports EOF / the error
+            except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
+                break  # nothing more now; the next call waits, or reports EOF
+            except SSL.Error as e:
+                self.failed = e
+                break
         return got
 
     async def send_all(self, data: memoryview) -> None:

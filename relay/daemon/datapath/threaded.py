@@ -192,6 +192,7 @@ class _TlsEnd:
     """
 
     def __init__(self, conn: TlsConn, waiter: _Waiter) -> None:
+        self._conn = conn
         self._ssl = conn.ssl
         self._read = conn.read_fn
         self._write = conn.write_fn
@@ -207,6 +208,8 @@ class _TlsEnd:
         SSL_read that would fail (a syscall and a Python exception per message).
         """
         ssl, read, lock, fd, waiter = self._ssl, self._read, self._lock, self._fd, self._waiter
+        if self._conn.failed is not None:
+            raise read_failure(self._conn.failed)
         if wait_first:
             waiter.wait(fd, _IN)
         while True:
@@ -227,8 +230,11 @@ class _TlsEnd:
                 try:
                     with lock:
                         got += read(ssl, buf[got:])
-                except SSL.Error:
-                    break  # nothing more now; the next call waits, or reports EOF / the error
+                except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
+                    break  # nothing more now; the next call waits, or reports EOF
+                except SSL.Error as e:
+                    self._conn.failed = e  # reported by the next call, once these bytes are passed on
+                    break
             return got
 
     def send_all(self, view: memoryview) -> None:
