@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from relay.core.config import TlsFiles
-from relay.daemon.datapath import Meter, PlainConn, StreamBroken, TlsConn, hotloop, threaded_bridge
+from relay.daemon.datapath import Meter, PlainConn, RekeyConn, StreamBroken, TlsConn, hotloop, threaded_bridge
 from relay.daemon.datapath import bridge as bridge_trio
 from relay.daemon.tlsconfig import client_context, server_context
 from tests.integration.test_datapath import tcp_pair
@@ -132,4 +132,44 @@ async def test_a_bad_record_behind_full_ones_is_reported_after_them(tmp_path: Pa
         await pumps(PlainConn(end_a_raw), end_b, Meter(), b_to_a)
     assert b_to_a.total == 16384
     for s in (app_a_raw, app_b_raw):
+        s.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+async def test_a_chain_aborted_under_running_threads_closes_after_they_stop(tmp_path: Path, compiled: bool) -> None:
+    """trio aborts a rekeying chain (a switch that failed to settle: rekey.py's _settle) from
+    another task while both pump threads sit on its sockets. Closing them there and then would
+    leave the threads on fds the next accept may reuse: the abort stops the threads first, the
+    sockets stay open until they have returned, then the bridge aborts both ends."""
+    p = make_pki(tmp_path)
+    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
+    app_raw, end_raw = await tcp_pair()
+    peer_raw, chain_raw = await tcp_pair()
+    peer = TlsConn.client(peer_raw, client_context(files))
+    first = TlsConn.server(chain_raw, server_context(files))
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.handshake)
+        n.start_soon(first.handshake)
+    chain = RekeyConn(first, label="acceptor", switch_timeout_s=5.0)
+    outcome: list[BaseException] = []
+
+    async def run_bridge() -> None:
+        try:
+            await threaded_bridge(PlainConn(end_raw), chain, Meter(), Meter(), compiled=compiled)
+        except StreamBroken as e:
+            outcome.append(e)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run_bridge)
+        await peer.send_all(memoryview(b"x" * 1000))  # both threads are running: one moved this
+        received = bytearray()
+        while len(received) < 1000:
+            received += await app_raw.recv(1000)
+        chain.abort()
+        assert first.socket.fileno() != -1, "closed under a running thread"
+    assert outcome and "aborted while it moved to a fresh TLS connection" in str(outcome[0])
+    assert first.socket.fileno() == -1  # closed by the bridge, after the threads
+    with pytest.raises(ConnectionResetError):
+        await app_raw.recv(10)  # the plaintext end was aborted too
+    for s in (app_raw, peer_raw):
         s.close()
