@@ -9,6 +9,10 @@ A message then costs its recv and its send and the wait between them, not trio's
 path (epoll_wait, reschedule, an epoll_ctl re-arm), and two streams' AES runs on two cores.
 What it measured against the trio pumps: bench/README.md, "Threads per stream".
 
+Each loop exists twice: here in Python, and compiled (_hotloop.c, loaded by hotloop.py),
+where a thread enters C once per run and takes no GIL while it moves bytes. `_Runs`
+picks the compiled ones when they are built; the conformance suite runs both.
+
 The sockets stay non-blocking, as trio expects them: a thread tries the call and, only
 if it would block, waits in poll(2) on that socket and on its direction's `Wake`, an
 eventfd. That is how trio stops a thread at once, whatever it waits for: cancellation
