@@ -7,23 +7,17 @@ the same whichever loop met it.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from relay.core.config import TlsFiles
-from relay.daemon.datapath import Meter, PlainConn, RekeyConn, StreamBroken, TlsConn, hotloop, threaded_bridge
-from relay.daemon.datapath import bridge as bridge_trio
-from relay.daemon.tlsconfig import client_context, server_context
-from tests.integration.test_datapath import tcp_pair
-from tests.support import make_pki
+from relay.daemon.datapath import Meter, PlainConn, RekeyConn, StreamBroken, hotloop, threaded_bridge
+from tests.integration.test_datapath import BRIDGES, tls_files, tls_leg
 
 
 def test_the_compiled_loops_are_built_and_used() -> None:
@@ -80,59 +74,36 @@ async def test_a_broken_peer_fails_the_same_in_c_and_python(
     """After the handshake, bytes that are no valid TLS record, or a reset: the stream breaks
     with the message the Python loops give (OpenSSL's error queue read in the thread that made
     the call; errno as the C call saw it)."""
-    p = make_pki(tmp_path)
-    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
+    files = tls_files(tmp_path)
     messages = []
     for compiled in (True, False):
-        app_a_raw, end_a_raw = await tcp_pair()
-        end_b_raw, app_b_raw = await tcp_pair()
-        end_b = TlsConn.client(end_b_raw, client_context(files))
-        app_b = TlsConn.server(app_b_raw, server_context(files))
-        async with trio.open_nursery() as n:
-            n.start_soon(end_b.handshake)
-            n.start_soon(app_b.handshake)
+        leg = await tls_leg(files)
         if garbage is None:
-            app_b_raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            app_b_raw.close()  # RST
+            leg.app_b_raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            leg.app_b_raw.close()  # RST
         else:
-            await app_b_raw.send(garbage)  # under the TLS layer, as a broken or hostile peer would
+            await leg.app_b_raw.send(garbage)  # under the TLS layer, as a broken or hostile peer would
         with pytest.raises(StreamBroken) as broke:
-            await threaded_bridge(PlainConn(end_a_raw), end_b, Meter(), Meter(), compiled=compiled)
+            await threaded_bridge(PlainConn(leg.end_a_raw), leg.end_b, Meter(), Meter(), compiled=compiled)
         messages.append(str(broke.value))
-        for s in (app_a_raw, app_b_raw):
-            s.close()
+        leg.close()
     assert messages[0] == messages[1]
     assert expected in messages[0], messages
 
 
-@pytest.mark.parametrize("bridge", ["trio", "threads", "threads-python"])
+@pytest.mark.parametrize("bridge", list(BRIDGES))
 async def test_a_bad_record_behind_full_ones_is_reported_after_them(tmp_path: Path, bridge: str) -> None:
     """A full 16 KiB record with a forged one right behind it, both queued before the relay
     reads: the good record is passed on, then the forgery fails the stream as a TLS error
     (not as a mere end without close_notify), on every data path."""
-    p = make_pki(tmp_path)
-    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
-    app_a_raw, end_a_raw = await tcp_pair()
-    end_b_raw, app_b_raw = await tcp_pair()
-    end_b = TlsConn.client(end_b_raw, client_context(files))
-    app_b = TlsConn.server(app_b_raw, server_context(files))
-    async with trio.open_nursery() as n:
-        n.start_soon(end_b.handshake)
-        n.start_soon(app_b.handshake)
-    await app_b.send_all(memoryview(bytes(16384)))
-    await app_b_raw.send(b"\x17\x03\x03\x00\x20" + bytes(32))
+    leg = await tls_leg(tls_files(tmp_path))
+    await leg.app_b.send_all(memoryview(bytes(16384)))
+    await leg.app_b_raw.send(b"\x17\x03\x03\x00\x20" + bytes(32))
     b_to_a = Meter()
-    bridges: dict[str, Callable[..., Awaitable[None]]] = {
-        "trio": bridge_trio,
-        "threads": threaded_bridge,
-        "threads-python": functools.partial(threaded_bridge, compiled=False),
-    }
-    pumps = bridges[bridge]
     with pytest.raises(StreamBroken, match="TLS read failed: decryption failed or bad record mac"):
-        await pumps(PlainConn(end_a_raw), end_b, Meter(), b_to_a)
+        await BRIDGES[bridge](PlainConn(leg.end_a_raw), leg.end_b, Meter(), b_to_a)
     assert b_to_a.total == 16384
-    for s in (app_a_raw, app_b_raw):
-        s.close()
+    leg.close()
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
@@ -141,16 +112,9 @@ async def test_a_chain_aborted_under_running_threads_closes_after_they_stop(tmp_
     another task while both pump threads sit on its sockets. Closing them there and then would
     leave the threads on fds the next accept may reuse: the abort stops the threads first, the
     sockets stay open until they have returned, then the bridge aborts both ends."""
-    p = make_pki(tmp_path)
-    files = TlsFiles(p.dir / "ca.pem", p.dir / "hvA.pem", p.dir / "hvA-key.pem")
-    app_raw, end_raw = await tcp_pair()
-    peer_raw, chain_raw = await tcp_pair()
-    peer = TlsConn.client(peer_raw, client_context(files))
-    first = TlsConn.server(chain_raw, server_context(files))
-    async with trio.open_nursery() as n:
-        n.start_soon(peer.handshake)
-        n.start_soon(first.handshake)
-    chain = RekeyConn(first, label="acceptor", switch_timeout_s=5.0)
+    leg = await tls_leg(tls_files(tmp_path))
+    app_raw, end_raw, first, peer = leg.app_a_raw, leg.end_a_raw, leg.end_b, leg.app_b
+    chain = RekeyConn(first, label="chain", switch_timeout_s=5.0)
     outcome: list[BaseException] = []
 
     async def run_bridge() -> None:
@@ -171,5 +135,4 @@ async def test_a_chain_aborted_under_running_threads_closes_after_they_stop(tmp_
     assert first.socket.fileno() == -1  # closed by the bridge, after the threads
     with pytest.raises(ConnectionResetError):
         await app_raw.recv(10)  # the plaintext end was aborted too
-    for s in (app_raw, peer_raw):
-        s.close()
+    leg.close()

@@ -33,7 +33,7 @@ enum { E_SSL = 1, E_WANT_READ = 2, E_WANT_WRITE = 3, E_SYSCALL = 5, E_ZERO_RETUR
 
 #define RECORD_BYTES 16384
 /* hotloop.py refuses a build whose ABI differs (a stale .so beside newer Python code) */
-#define HOTLOOP_ABI 2
+#define HOTLOOP_ABI 3
 
 typedef int (*ssl_io_fn)(void *ssl, void *buf, int num);
 typedef int (*ssl_error_fn)(const void *ssl, int ret);
@@ -426,14 +426,16 @@ static PyObject *py_splice(PyObject *self, PyObject *args) {
     return res;
 }
 
-static PyObject *py_from_tls(PyObject *self, PyObject *args) {
+/* from_tls and to_tls: the same arguments, the plaintext fd first; `flag` is short_read
+   (TLS -> plaintext, returned updated) or pokable (plaintext -> TLS) */
+static PyObject *tls_run(PyObject *args, int from_tls) {
     unsigned long long ssl;
     LockObject *lock;
-    int ssl_fd, dst, wake_fd, short_read;
+    int plain, ssl_fd, wake_fd, flag;
     Py_ssize_t budget;
     Py_buffer flags, counter, buf;
-    if (!PyArg_ParseTuple(args, "KO!iiiw*w*w*np", &ssl, &LockType, &lock, &ssl_fd, &dst, &wake_fd, &flags, &counter,
-                          &buf, &budget, &short_read))
+    if (!PyArg_ParseTuple(args, "iKO!iiw*w*w*np", &plain, &ssl, &LockType, &lock, &ssl_fd, &wake_fd, &flags, &counter,
+                          &buf, &budget, &flag))
         return NULL;
     Run r;
     PyObject *res = NULL;
@@ -441,9 +443,10 @@ static PyObject *py_from_tls(PyObject *self, PyObject *args) {
         Tls t = {(void *)(uintptr_t)ssl, &lock->mu, ssl_fd, 0, 0};
         int o;
         Py_BEGIN_ALLOW_THREADS
-        o = run_from_tls(&r, &t, dst, buf.buf, buf.len, &short_read);
+        o = from_tls ? run_from_tls(&r, &t, plain, buf.buf, buf.len, &flag)
+                     : run_to_tls(&r, plain, &t, buf.buf, buf.len, flag);
         Py_END_ALLOW_THREADS
-        res = outcome(o, &r, &t, short_read);
+        res = outcome(o, &r, &t, from_tls ? flag : 0);
     }
     PyBuffer_Release(&flags);
     PyBuffer_Release(&counter);
@@ -451,37 +454,16 @@ static PyObject *py_from_tls(PyObject *self, PyObject *args) {
     return res;
 }
 
-static PyObject *py_to_tls(PyObject *self, PyObject *args) {
-    unsigned long long ssl;
-    LockObject *lock;
-    int src, ssl_fd, wake_fd, pokable;
-    Py_ssize_t budget;
-    Py_buffer flags, counter, buf;
-    if (!PyArg_ParseTuple(args, "iKO!iiw*w*w*np", &src, &ssl, &LockType, &lock, &ssl_fd, &wake_fd, &flags, &counter,
-                          &buf, &budget, &pokable))
-        return NULL;
-    Run r;
-    PyObject *res = NULL;
-    if (ready() && get_run(&r, wake_fd, &flags, &counter, budget) == 0) {
-        Tls t = {(void *)(uintptr_t)ssl, &lock->mu, ssl_fd, 0, 0};
-        int o;
-        Py_BEGIN_ALLOW_THREADS
-        o = run_to_tls(&r, src, &t, buf.buf, buf.len, pokable);
-        Py_END_ALLOW_THREADS
-        res = outcome(o, &r, &t, 0);
-    }
-    PyBuffer_Release(&flags);
-    PyBuffer_Release(&counter);
-    PyBuffer_Release(&buf);
-    return res;
-}
+static PyObject *py_from_tls(PyObject *self, PyObject *args) { return tls_run(args, 1); }
+
+static PyObject *py_to_tls(PyObject *self, PyObject *args) { return tls_run(args, 0); }
 
 static PyMethodDef methods[] = {
     {"init", py_init, METH_VARARGS, "init(SSL_read, SSL_write, SSL_get_error, ERR_clear_error): their addresses."},
     {"splice", py_splice, METH_VARARGS,
      "splice(src, dst, pipe_r, pipe_w, pipe_size, wake_fd, flags, counter) -> outcome tuple"},
     {"from_tls", py_from_tls, METH_VARARGS,
-     "from_tls(ssl, lock, ssl_fd, dst, wake_fd, flags, counter, buf, budget, short_read) -> outcome tuple"},
+     "from_tls(dst, ssl, lock, ssl_fd, wake_fd, flags, counter, buf, budget, short_read) -> outcome tuple"},
     {"to_tls", py_to_tls, METH_VARARGS,
      "to_tls(src, ssl, lock, ssl_fd, wake_fd, flags, counter, buf, budget, pokable) -> outcome tuple"},
     {NULL, NULL, 0, NULL},

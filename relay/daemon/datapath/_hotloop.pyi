@@ -20,10 +20,10 @@ def splice(
     src: int, dst: int, pipe_r: int, pipe_w: int, pipe_size: int, wake_fd: int, flags: bytearray, counter: array[int], /
 ) -> Outcome: ...
 def from_tls(
+    dst: int,
     ssl: int,
     lock: Lock,
     ssl_fd: int,
-    dst: int,
     wake_fd: int,
     flags: bytearray,
     counter: array[int],

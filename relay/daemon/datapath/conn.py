@@ -278,9 +278,16 @@ class TlsConn:
             return 0
         except SSL.Error as e:
             raise read_failure(e) from None
-        # One wakeup, many records: drain what is already here before returning. Only a
-        # full record suggests more is queued behind it; after a short one (an RPC
-        # message, the tail of a write) another read would just fail with EAGAIN.
+        return self.read_queued(buf, got)
+
+    def read_queued(self, buf: memoryview, got: int) -> int:
+        """After a read of `got` bytes into buf: the records already here too, up to len(buf).
+
+        One wakeup, many records. Only a full record suggests more is queued behind it;
+        after a short one (an RPC message, the tail of a write) another read would just
+        fail with EAGAIN. A failure here is kept in `failed`, for the next read to report
+        once these bytes are passed on. (The threaded Python loop calls this too.)
+        """
         while got < len(buf) and got % TLS_RECORD_BYTES == 0:
             try:
                 with self.lock:

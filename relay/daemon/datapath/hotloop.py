@@ -31,7 +31,7 @@ from relay.daemon import tls_fastpath
 
 PYTHON_LOOPS_ENV: Final = "MIGRELAY_PYTHON_LOOPS"
 # _hotloop.c's HOTLOOP_ABI: the calls and outcome tuples this module and threaded.py expect
-ABI: Final = 2
+ABI: Final = 3
 # OpenSSL's SSL_get_error codes the C loops hand back
 _SSL_ERROR_SSL: Final = 1
 _SSL_ERROR_SYSCALL: Final = 5

@@ -230,16 +230,7 @@ class _TlsEnd:
                 return 0
             except SSL.Error as e:
                 raise read_failure(e) from None
-            while got < len(buf) and got % TLS_RECORD_BYTES == 0:
-                try:
-                    with lock:
-                        got += read(ssl, buf[got:])
-                except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
-                    break  # nothing more now; the next call waits, or reports EOF
-                except SSL.Error as e:
-                    self._conn.failed = e  # reported by the next call, once these bytes are passed on
-                    break
-            return got
+            return self._conn.read_queued(buf, got)
 
     def send_all(self, view: memoryview) -> None:
         """Whole-chunk SSL_write; after a WantWrite the same chunk again (OpenSSL resumes it)."""
@@ -418,7 +409,7 @@ def _c_from_tls(
     short = False
     while True:
         budget = sys.maxsize if chain is None else _chain_budget(chain[1].rx_limit - chain[1].received)
-        done = hot.from_tls(ssl, src.lock, ssl_fd, dst_fd, wake.fd, wake.flags, meter.live, buf, budget, short)
+        done = hot.from_tls(dst_fd, ssl, src.lock, ssl_fd, wake.fd, wake.flags, meter.live, buf, budget, short)
         outcome, short = done[0], bool(done[5])
         if chain is not None:
             chain[1].received += done[1]
