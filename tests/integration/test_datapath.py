@@ -257,13 +257,15 @@ async def test_large_payload_both_ways_is_byte_exact(harness: Harness) -> None:
     assert not harness.error
     assert (harness.a_to_b.total, harness.b_to_a.total) == (size, size)
     if (rk := harness.rekeying) is not None:
-        # many switches, each chain agrees on them, and every old connection was closed on the way.
+        # switches, each chain agrees on them, and every old connection was closed on the way.
         # Both directions cross a threshold every REKEY_BYTES, but no threshold starts a switch
         # while one is under way (a dial, a handshake, the OK), and the bytes moved meanwhile go on
-        # the current connection: the faster the data path, the fewer switches. The compiled loops
-        # moved up to 10 MiB during one switch and made 33-191 switches for 192 crossings per
-        # direction (the Python ones 111-191), every byte exact; "many" is a sixteenth of them.
-        assert rk.dialler.switches >= size // (16 * REKEY_BYTES)
+        # the current connection: how many switches a run makes depends on how fast the data path
+        # is against a handshake. Measured for 192 crossings per direction: trio 136-191, Python
+        # threads 111-191, compiled loops 33-191 alone and 7 under the full suite's load, every
+        # byte exact. So this case asks for a few boundaries crossed; the count per threshold is
+        # test_rekey.py's (two relays, 1 MiB thresholds, stable).
+        assert rk.dialler.switches >= 3
         assert rk.dialler.switches == rk.acceptor.switches == sum(rk.dialler.triggers.values())
         assert rk.dialler.open_connections == rk.acceptor.open_connections == 1
 
